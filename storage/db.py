@@ -1,0 +1,521 @@
+"""Store: the only door to a workspace's SQLite file.
+
+Several processes share the file (engine, stage children writing metrics, the web UI polling every 1-2 s, CLI
+commands); each makes its own Store. WAL lets readers run while one process writes; every write transaction starts
+with BEGIN IMMEDIATE (see _write) and waits up to 30 s for the lock instead of failing.
+
+Conventions: times are time.time() floats. JSON columns are stored as `<name>_json` text and appear in rows under
+`<name>` already decoded (runs.recipe, jobs.config, jobs.depends_on, evals.metrics, eval_examples.detail,
+artifacts.meta, telemetry.sample); callers pass them the same way. Metric values that are not finite (NaN, inf:
+e.g. a diverged loss) are stored as NULL, so every reader gets plain JSON-safe numbers or None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import NotFoundError
+
+from .hashing import sha256_path, size_of_path
+from .migrations import SCHEMA_VERSION, migrate, schema_version
+
+RUN_STATUSES = {"queued", "running", "succeeded", "failed", "cancelled", "interrupted"}
+RUN_TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
+JOB_STATUSES = RUN_STATUSES | {"skipped", "cancelling"}  # cancelling: asked to stop, the engine is killing it
+JOB_TERMINAL = JOB_STATUSES - {"queued", "running", "cancelling"}
+BLOCKING_DEP = {"failed", "cancelled", "skipped", "missing"}  # a queued job depending on one of these never runs
+JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on"), "evals": ("metrics",),
+               "eval_examples": ("detail",), "artifacts": ("meta",), "telemetry": ("sample",)}
+SECRET_GUARDED = {"runs", "jobs", "servers"}  # tables whose rows come from user-edited recipes and forms
+STATUS_FIELD = {"runs": RUN_STATUSES, "jobs": JOB_STATUSES}
+
+
+class StorageError(Exception):
+    """A request the store refuses: unknown row or column, bad status, secret in a recipe, too-new schema..."""
+
+
+# Key names that hold credentials (matched after camelCase -> snake_case and '-' -> '_'). Deliberately not every
+# "*_token": recipes legitimately carry tokenizer settings such as pad_token / eos_token / max_new_tokens.
+SECRET_KEY = re.compile(
+    r"(^|_)(api_?key|password|passwd|secret|secret_key|client_secret|private_key|authorization)$"
+    r"|^token$|(^|_)(hf|hub|access|auth|api|bearer|refresh|github|gh|openai|wandb)_token$"
+)
+# The same inside a server's command line, e.g. "vllm serve ... --api-key sk-...".
+SECRET_FLAG = re.compile(r"--(api[-_]?key|token|hf[-_]token|password|secret)[= ]+\S", re.IGNORECASE)
+
+
+def _secret_key(key: str) -> bool:
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower().replace("-", "_")
+    return bool(SECRET_KEY.search(snake))
+
+
+def refuse_secrets(value: Any, where: str) -> None:
+    """Raise StorageError if any dict key (recursively) names a credential with a non-empty value. Callers must
+    strip secrets before storing: the DB is read by the UI and copied around with the workspace."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if _secret_key(str(key)) and item not in (None, "", [], {}):
+                raise StorageError(f"{where}.{key} looks like a secret; strip it before storing (read it from the "
+                                   "environment at run time instead)")
+            refuse_secrets(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            refuse_secrets(item, f"{where}[{index}]")
+    elif isinstance(value, str) and where.endswith(".command") and SECRET_FLAG.search(value):
+        raise StorageError(f"{where} passes a secret on the command line; use an environment variable instead")
+
+
+def new_run_id() -> str:
+    """'YYYYMMDD-HHMMSS-xxxx' in local time: sorts by creation, readable in a folder listing, 4 hex against clashes."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _resources(text: str | None) -> set[str]:
+    return {part.strip() for part in (text or "").split(",") if part.strip()}
+
+
+def _finite_or_none(name: str, value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise StorageError(f"metric {name!r} is not a number: {value!r}") from exc
+    return number if math.isfinite(number) else None
+
+
+def _one_line(error: str | None, limit: int = 500) -> str | None:
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    return lines[0][:limit] if lines else None
+
+
+def derive_run_status(job_statuses: Iterable[str], current: str) -> str:
+    """A run's status from its jobs' (precedence matters; see refresh_run_status)."""
+    seen = set(job_statuses)
+    if not seen:
+        return current
+    if "running" in seen or "cancelling" in seen:
+        return "running"
+    if "failed" in seen:  # sticky: the run can no longer fully succeed, even if independent jobs are still queued
+        return "failed"
+    if "queued" in seen:
+        return "queued" if seen == {"queued"} else "running"
+    for status in ("interrupted", "cancelled"):
+        if status in seen:
+            return status
+    return "succeeded" if seen == {"succeeded"} else "failed"  # a bare 'skipped' means a dependency went missing
+
+
+class Store:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection per Store, shared by the threads of this process (Gradio runs handlers on a thread pool).
+        # A sqlite3 connection is not safe for concurrent use (a single transaction state, interleaved cursors), so
+        # every use holds self._lock. It is an RLock because public methods call each other while holding it.
+        self._lock = threading.RLock()
+        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)  # timeout = busy_timeout 30 s
+        self.db = Database(conn, execute_plugins=False)
+        self._columns: dict[str, set[str]] = {}
+        try:
+            self._open()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _open(self) -> None:
+        self.db.execute("PRAGMA foreign_keys = ON")  # per connection; needed for ON DELETE CASCADE / SET NULL
+        found = schema_version(self.db)
+        if found > SCHEMA_VERSION:  # checked before WAL/migrations so we never touch a newer file
+            raise StorageError(
+                f"{self.path} has schema version {found}, but this code knows only up to {SCHEMA_VERSION}: it was "
+                "written by a newer gpt-oss QAT Studio. Upgrade this installation, or use another workspace."
+            )
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; a power cut may lose the last commits only
+        migrate(self.db)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- plumbing -------------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Database]:
+        """One write transaction, BEGIN IMMEDIATE. A deferred transaction that reads and then writes fails at once
+        with SQLITE_BUSY (busy_timeout does not help) when another process committed in between; taking the write
+        lock up front makes it wait its turn instead. sqlite-utils calls inside nest as savepoints. Re-entrant."""
+        with self._lock:
+            if self.db.conn.in_transaction:
+                yield self.db
+                return
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.rollback()
+                raise
+
+    def _select(self, table: str, where: list[str], params: list, order_by: str, limit: int | None = None) -> list:
+        with self._lock:
+            rows = self.db[table].rows_where(" AND ".join(where) or None, params, order_by=order_by, limit=limit)
+            return [self._decode(table, row) for row in rows]
+
+    @staticmethod
+    def _where(**equal: Any) -> tuple[list[str], list]:
+        """WHERE parts for the filters that are set: a value means '=', a list means 'IN'."""
+        where, params = [], []
+        for column, value in equal.items():
+            if isinstance(value, (list, tuple, set, frozenset)):
+                where.append(f"{column} IN ({','.join('?' * len(value))})")
+                params.extend(value)
+            elif value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        return where, params
+
+    def _get(self, table: str, pk: Any) -> dict | None:
+        found = self._select(table, ["id = ?"], [pk], "id")
+        return found[0] if found else None
+
+    def _decode(self, table: str, row: dict) -> dict:
+        for name in JSON_FIELDS.get(table, ()):
+            raw = row.pop(f"{name}_json", None)
+            row[name] = None if raw is None else json.loads(raw)
+        return row
+
+    def _encode(self, table: str, fields: dict) -> dict:
+        """Check field names and values, and JSON-encode the JSON fields: the row to write."""
+        if table in SECRET_GUARDED:
+            refuse_secrets(fields, table)
+        if "status" in fields and table in STATUS_FIELD and fields["status"] not in STATUS_FIELD[table]:
+            raise StorageError(f"{table}.status {fields['status']!r} is not one of {sorted(STATUS_FIELD[table])}")
+        row = dict(fields)
+        for name in JSON_FIELDS.get(table, ()):
+            if f"{name}_json" in row:
+                raise StorageError(f"pass {table}.{name} as a dict or list, not {name}_json")
+            if name in row:
+                try:
+                    row[f"{name}_json"] = json.dumps(row.pop(name))
+                except (TypeError, ValueError) as exc:
+                    raise StorageError(f"{table}.{name} is not JSON-serialisable: {exc}") from exc
+        if table not in self._columns:
+            with self._lock:
+                self._columns[table] = set(self.db[table].columns_dict)
+        unknown = set(row) - self._columns[table]
+        if unknown:
+            raise StorageError(f"{table} has no column(s) {sorted(unknown)}")
+        return row
+
+    def _insert(self, table: str, fields: dict) -> Any:
+        row = self._encode(table, fields)
+        with self._write() as db:
+            return db[table].insert(row).last_pk
+
+    def _update(self, table: str, pk: Any, fields: dict) -> None:
+        row = self._encode(table, fields)
+        if not row:
+            return
+        with self._write() as db:
+            try:
+                db[table].update(pk, row)
+            except NotFoundError as exc:
+                raise StorageError(f"no {table} row with id {pk!r}") from exc
+
+    # ---- runs -----------------------------------------------------------------------------------------------------
+
+    def create_run(self, name: str, recipe: dict, run_dir: str | None = None, run_id: str | None = None) -> str:
+        for _attempt in range(5):
+            candidate = run_id or new_run_id()
+            try:
+                self._insert("runs", {"id": candidate, "name": name, "recipe": recipe, "run_dir": run_dir,
+                                      "status": "queued", "created_at": time.time()})
+                return candidate
+            except sqlite3.IntegrityError as exc:
+                if run_id is not None:
+                    raise StorageError(f"run {run_id} already exists") from exc
+        raise StorageError("could not find a free run id")  # 5 clashes of 4 random hex in one second: not expected
+
+    def get_run(self, run_id: str) -> dict | None:
+        return self._get("runs", run_id)
+
+    def list_runs(self, limit: int = 200) -> list[dict]:
+        return self._select("runs", [], [], "created_at DESC, id DESC", limit)
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        self._update("runs", run_id, fields)
+
+    def delete_run(self, run_id: str) -> None:
+        with self._write() as db:
+            db["runs"].delete_where("id = ?", [run_id])  # jobs, metrics, evals, examples, artifacts cascade
+
+    def refresh_run_status(self, run_id: str) -> str:
+        """Derive the run's status from its jobs: running if any job runs; failed if any failed; while jobs wait,
+        queued (none started yet) or running; then interrupted, cancelled; succeeded when all succeeded. Sets
+        started_at on first running, ended_at on entering a terminal status (cleared when it leaves one)."""
+        with self._write() as db:
+            run = self.get_run(run_id)
+            if run is None:
+                raise StorageError(f"no run {run_id}")
+            jobs = [row[0] for row in db.execute("SELECT status FROM jobs WHERE run_id = ?", [run_id])]
+            status = derive_run_status(jobs, run["status"])
+            now = time.time()
+            fields: dict[str, Any] = {"status": status}
+            if status == "running" and run["started_at"] is None:
+                fields["started_at"] = now
+            if status not in RUN_TERMINAL:
+                fields["ended_at"] = None
+            elif run["status"] != status or run["ended_at"] is None:
+                fields["ended_at"] = now
+            self.update_run(run_id, **fields)
+            return status
+
+    # ---- jobs -----------------------------------------------------------------------------------------------------
+
+    def add_job(self, run_id: str, stage: str, fmt: str = "bf16", target: str | None = None,
+                config: dict | None = None, depends_on: Iterable[int] = (), resources: str = "cpu") -> int:
+        deps = [int(dep) for dep in depends_on]
+        with self._write() as db:
+            known = set(self._job_statuses(db, deps))
+            if set(deps) - known:  # deps must exist already, which also rules out cycles
+                raise StorageError(f"job dependencies {sorted(set(deps) - known)} do not exist")
+            return self._insert("jobs", {
+                "run_id": run_id, "stage": stage, "fmt": fmt, "target": target, "config": config or {},
+                "depends_on": deps, "resources": resources, "status": "queued", "created_at": time.time()})
+
+    def get_job(self, job_id: int) -> dict | None:
+        return self._get("jobs", job_id)
+
+    def list_jobs(self, run_id: str | None = None, status: str | Iterable[str] | None = None) -> list[dict]:
+        wanted = None if status is None else [status] if isinstance(status, str) else list(status)
+        where, params = self._where(run_id=run_id, status=wanted)
+        return self._select("jobs", where, params, "id")
+
+    def _job_statuses(self, db: Database, ids: Iterable[int]) -> dict[int, str]:
+        where, params = self._where(id=list(set(ids)))
+        return dict(db.execute(f"SELECT id, status FROM jobs WHERE {where[0]}", params).fetchall())
+
+    def _skip_blocked(self, db: Database, now: float) -> list[int]:
+        """Mark 'skipped' every queued job with a dependency that failed, was cancelled or skipped (repeating, so a
+        skip travels down a chain of dependants)."""
+        queued = {row["id"]: json.loads(row["depends_on_json"]) for row in
+                  db.query("SELECT id, depends_on_json FROM jobs WHERE status = 'queued' ORDER BY id")}
+        status = self._job_statuses(db, [dep for deps in queued.values() for dep in deps])
+        status.update({job_id: "queued" for job_id in queued})
+        skipped: dict[int, str] = {}
+        changed = True
+        while changed:
+            changed = False
+            for job_id, deps in queued.items():
+                blocker = next((d for d in deps if status.get(d, "missing") in BLOCKING_DEP), None)
+                if status[job_id] == "queued" and blocker is not None:
+                    status[job_id] = "skipped"
+                    skipped[job_id] = f"skipped: job {blocker} {status.get(blocker, 'missing')}"
+                    changed = True
+        for job_id, error in skipped.items():
+            db["jobs"].update(job_id, {"status": "skipped", "error": error, "ended_at": now})
+        return list(skipped)
+
+    def _refresh_runs_of(self, job_ids: Iterable[int]) -> None:
+        """Keep runs.status in step with job transitions, so the UI never shows a stale run status."""
+        where, params = self._where(id=list(job_ids))
+        for (run_id,) in self.db.execute(f"SELECT DISTINCT run_id FROM jobs WHERE {where[0]}", params).fetchall():
+            self.refresh_run_status(run_id)
+
+    def claim_job(self, busy_resources: Iterable[str] = frozenset(), pid: int | None = None) -> dict | None:
+        """Atomically take the next runnable job: lowest id, queued, all dependencies succeeded, no resource in
+        busy_resources. BEGIN IMMEDIATE serialises claimers across processes, so no job is handed out twice.
+        Refreshes the status of the claimed job's run and of runs whose jobs it skipped."""
+        busy = set(busy_resources)
+        now = time.time()
+        with self._write() as db:
+            self._refresh_runs_of(self._skip_blocked(db, now))
+            queued = list(db.query("SELECT id, depends_on_json, resources, attempt FROM jobs "
+                                   "WHERE status = 'queued' ORDER BY id"))
+            status = self._job_statuses(db, [d for row in queued for d in json.loads(row["depends_on_json"])])
+            for row in queued:
+                deps_done = all(status.get(dep) == "succeeded" for dep in json.loads(row["depends_on_json"]))
+                if deps_done and not (_resources(row["resources"]) & busy):
+                    db["jobs"].update(row["id"], {"status": "running", "started_at": now, "ended_at": None,
+                                                  "attempt": row["attempt"] + 1, "pid": pid})
+                    self._refresh_runs_of([row["id"]])
+                    return self.get_job(row["id"])
+        return None
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        self._update("jobs", job_id, fields)
+
+    def finish_job(self, job_id: int, status: str, error: str | None = None, error_detail: str | None = None) -> None:
+        """End a job and refresh its run's status. `error` is kept to its first line; a longer error becomes
+        error_detail if none is given."""
+        if status not in JOB_TERMINAL:
+            raise StorageError(f"finish_job status must be one of {sorted(JOB_TERMINAL)}, not {status!r}")
+        if error_detail is None and error and _one_line(error) != error.strip():
+            error_detail = error
+        fields = {"status": status, "ended_at": time.time(), "error": _one_line(error), "error_detail": error_detail}
+        if status == "succeeded":
+            fields["progress"] = 1.0
+        with self._write():
+            self.update_job(job_id, **fields)
+            self._refresh_runs_of([job_id])
+
+    def requeue_job(self, job_id: int) -> None:
+        """Put a job back in the queue (resume), with the dependants that were skipped because of it; refresh the
+        run's status."""
+        with self._write() as db:
+            job = self.get_job(job_id)
+            if job is None:
+                raise StorageError(f"no job {job_id}")
+            if job["status"] in ("running", "cancelling"):
+                raise StorageError(f"job {job_id} is {job['status']}; stop it before requeueing")
+            skipped = {row["id"]: set(json.loads(row["depends_on_json"])) for row in
+                       db.query("SELECT id, depends_on_json FROM jobs WHERE status = 'skipped'")}
+            requeue = {job_id}
+            grew = True
+            while grew:  # dependants of dependants too; one still blocked elsewhere is simply re-skipped at claim
+                more = {skip_id for skip_id, deps in skipped.items() if deps & requeue} - requeue
+                requeue |= more
+                grew = bool(more)
+            for requeue_id in sorted(requeue):
+                db["jobs"].update(requeue_id, {"status": "queued", "pid": None, "started_at": None,
+                                               "ended_at": None, "error": None, "error_detail": None})
+            self._refresh_runs_of(requeue)
+
+    def mark_running_as_interrupted(self, reason: str) -> list[int]:
+        """Engine start-up recovery: jobs left 'running' by a dead engine become 'interrupted' (their runs too).
+        Only call it when no other engine is live (see live_engines), or it would steal that engine's jobs."""
+        with self._write() as db:
+            running = list(db.query("SELECT id, run_id FROM jobs WHERE status = 'running' ORDER BY id"))
+            now = time.time()
+            for row in running:
+                db["jobs"].update(row["id"], {"status": "interrupted", "error": _one_line(reason), "ended_at": now})
+            self._refresh_runs_of([row["id"] for row in running])
+        return [row["id"] for row in running]
+
+    # ---- metrics --------------------------------------------------------------------------------------------------
+
+    def log_metrics(self, job_id: int, step: int, values: dict[str, float], time: float | None = None) -> None:
+        """One row per name, all in one transaction. Non-finite values (NaN, inf) are stored as NULL."""
+        stamp = _now() if time is None else time
+        with self._write() as db:
+            job = db.execute("SELECT run_id FROM jobs WHERE id = ?", [job_id]).fetchone()
+            if job is None:
+                raise StorageError(f"no job {job_id}")
+            rows = [{"run_id": job[0], "job_id": job_id, "step": int(step), "name": str(name),
+                     "value": _finite_or_none(name, value), "time": stamp} for name, value in values.items()]
+            db["metrics"].insert_all(rows)
+
+    def delete_metrics_after(self, job_id: int, step: int) -> int:
+        with self._write() as db:
+            # Raw SQL for the row count, which sqlite-utils' delete_where does not return.
+            return db.execute("DELETE FROM metrics WHERE job_id = ? AND step > ?", [job_id, step]).rowcount
+
+    def metrics(self, run_id: str | None = None, job_id: int | None = None, names: list[str] | None = None,
+                since_id: int = 0) -> list[dict]:
+        """Rows ordered by job, step. since_id: only rows with a larger id (ids never repeat, see migrations)."""
+        where, params = self._where(run_id=run_id, job_id=job_id, name=None if names is None else list(names))
+        return self._select("metrics", ["id > ?", *where], [since_id, *params], "job_id, step, id")
+
+    # ---- evals ----------------------------------------------------------------------------------------------------
+
+    def put_eval(self, run_id: str, job_id: int | None, stage: str, fmt: str, metrics: dict) -> None:
+        row = self._encode("evals", {"run_id": run_id, "job_id": job_id, "stage": stage, "fmt": fmt,
+                                     "metrics": metrics, "created_at": time.time()})
+        with self._write() as db:
+            # pk= names the UNIQUE(run_id, stage, fmt) index, which becomes the ON CONFLICT target of the upsert.
+            db["evals"].upsert(row, pk=("run_id", "stage", "fmt"))
+
+    def evals(self, run_id: str) -> list[dict]:
+        return self._select("evals", ["run_id = ?"], [run_id], "id")
+
+    def add_eval_examples(self, rows: list[dict]) -> None:
+        encoded = [self._encode("eval_examples", {**row, "passed": None if row.get("passed") is None
+                                                  else int(bool(row["passed"]))}) for row in rows]
+        with self._write() as db:
+            db["eval_examples"].insert_all(encoded)
+
+    def eval_examples(self, run_id: str, stage: str | None = None, fmt: str | None = None, task: str | None = None,
+                      limit: int | None = None) -> list[dict]:
+        where, params = self._where(run_id=run_id, stage=stage, fmt=fmt, task=task)
+        return self._select("eval_examples", where, params, "stage, fmt, task, idx, id", limit)
+
+    # ---- artifacts ------------------------------------------------------------------------------------------------
+
+    def add_artifact(self, run_id: str, job_id: int | None, kind: str, path: str, sha256: str | None = None,
+                     meta: dict | None = None) -> int:
+        """Hashes the file or directory when sha256 is not given; that happens before taking any lock, since a
+        checkpoint can take minutes to hash."""
+        try:
+            digest, size = sha256_path(path) if sha256 is None else (sha256, size_of_path(path))
+        except FileNotFoundError as exc:
+            raise StorageError(str(exc)) from exc
+        return self._insert("artifacts", {"run_id": run_id, "job_id": job_id, "kind": kind, "path": str(path),
+                                          "sha256": digest, "bytes": size, "meta": meta or {},
+                                          "created_at": time.time()})
+
+    def artifacts(self, run_id: str | None = None, kind: str | None = None) -> list[dict]:
+        return self._select("artifacts", *self._where(run_id=run_id, kind=kind), "id")
+
+    # ---- telemetry, engines, servers ------------------------------------------------------------------------------
+
+    def add_telemetry(self, sample: dict, run_id: str | None = None, time: float | None = None) -> None:
+        self._insert("telemetry", {"run_id": run_id, "time": _now() if time is None else time, "sample": sample})
+
+    def telemetry(self, run_id: str | None = None, since: float | None = None, limit: int = 5000) -> list[dict]:
+        """The newest `limit` samples, returned oldest first (ready to plot)."""
+        where, params = self._where(run_id=run_id)
+        if since is not None:
+            where.append("time > ?")
+            params.append(since)
+        return self._select("telemetry", where, params, "time DESC, id DESC", limit)[::-1]
+
+    def prune_telemetry(self, before: float) -> int:
+        """Drop samples older than `before`: at one sample a second the table grows ~86k rows a day."""
+        with self._write() as db:
+            return db.execute("DELETE FROM telemetry WHERE time < ?", [before]).rowcount
+
+    def register_engine(self, pid: int, host: str) -> int:
+        now = time.time()
+        return self._insert("engines", {"pid": pid, "host": host, "started_at": now, "heartbeat_at": now,
+                                        "status": "running"})
+
+    def engine_heartbeat(self, engine_id: int) -> None:
+        self._update("engines", engine_id, {"heartbeat_at": time.time()})
+
+    def stop_engine(self, engine_id: int) -> None:
+        self._update("engines", engine_id, {"status": "stopped", "stopped_at": time.time()})
+
+    def live_engines(self, max_age_s: float = 10.0) -> list[dict]:
+        """Engines that say they run and have beaten recently (a killed engine stops beating, so it drops out)."""
+        return self._select("engines", ["status = 'running'", "heartbeat_at >= ?"], [time.time() - max_age_s], "id")
+
+    def add_server(self, **fields: Any) -> int:
+        return self._insert("servers", {"status": "starting", "started_at": time.time(), **fields})
+
+    def update_server(self, server_id: int, **fields: Any) -> None:
+        self._update("servers", server_id, fields)
+
+    def list_servers(self, status: str | None = None) -> list[dict]:
+        return self._select("servers", *self._where(status=status), "id")
+
+
+def _now() -> float:
+    # Module-level so methods whose `time` parameter shadows the module can still read the clock.
+    return time.time()

@@ -1,0 +1,244 @@
+"""One QAT training step on a gpt-oss-20b-shaped model, side by side in one process: BF16, our engine's QAT path,
+and plain modelopt (the anchor). Prints a table (step time, ratio to BF16, tokens/s, peak memory) and writes JSON.
+
+    python bench/qat_step.py --layers 2 --batch 4 --seq 1024 --json out.json [--profile]
+
+Paths:
+  bf16             no quantizers (the baseline)
+  modelopt:<fmt>   mtq.quantize with modelopt's own CUDA fake-quant kernels (the anchor)
+  wrapper:<fmt>    mtq.quantize with our backend (the fused Triton kernel of engine/fp4_triton.py, bit-exact to modelopt's
+                   reference QTensors) inside modelopt's expert wrapper
+  engine:<fmt>     what the app trains with: the same quantized model, plus engine/fast_experts.py (each 3-D expert
+                   weight fake-quantized once per forward along the input dim, transformers' grouped_mm experts path)
+  param:<fmt>      experiment: no modelopt at all; a torch parametrization fake-quantizes the expert weights
+Each step is forward + backward + AdamW step on random tokens; the model is random-init (speed does not depend on
+the values). The same optimizer and inputs for every path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def build_model(args):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_local_experts=args.experts, num_experts_per_tok=args.topk,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"] * (args.layers // 2) + ["sliding_attention"] * (args.layers % 2),
+        max_position_embeddings=max(4096, args.seq), architectures=["GptOssForCausalLM"],
+    )
+    cfg._attn_implementation = "sdpa" if args.sdpa else "eager"
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = GptOssForCausalLM(cfg).to(torch.bfloat16)
+    return model
+
+
+def prepare(model, path: str, batch):
+    from engine import fp4, quant
+
+    if path == "bf16":
+        return model
+    kind, fmt = path.split(":")
+    if kind == "param":
+        return add_fake_quant_parametrizations(model, fmt)
+    backend = None if kind == "modelopt" else quant.resolve_backend("auto", batch.device)
+    fp4.register()
+    model = quant.quantize(model, fmt, lambda m: m(input_ids=batch[:1]), backend)
+    if kind == "engine":
+        from engine import fast_experts
+
+        assert fast_experts.enable(model) > 0, "fast experts path not applicable"
+    return model
+
+
+class _STE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, kind, block):
+        from engine.fp4 import nvfp4_global_scale
+
+        scale = nvfp4_global_scale(weight) if kind == "nv" else None
+        if not weight.is_cuda:  # the torch ops version, blocks along dim 1 via a transpose (CPU smoke runs)
+            from engine.fp4 import mxfp4_fake_quant, nvfp4_fake_quant
+
+            t = weight.detach().transpose(1, 2)
+            out = mxfp4_fake_quant(t, block) if kind == "mx" else nvfp4_fake_quant(t, block, scale * 2688)
+            return out.transpose(1, 2)
+        from engine.fp4_triton import fake_quant_3d
+
+        return fake_quant_3d(weight.detach(), kind, block, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class FakeQuant(torch.nn.Module):
+    def __init__(self, kind: str, block: int):
+        super().__init__()
+        self.kind, self.block = kind, block
+
+    def forward(self, weight):
+        return _STE.apply(weight, self.kind, self.block)
+
+
+def add_fake_quant_parametrizations(model, fmt: str):
+    from torch.nn.utils import parametrize
+
+    kind, block = ("mx", 32) if fmt == "mxfp4" else ("nv", 32 if fmt == "nvfp4" else 16)
+    for module in model.modules():
+        if type(module).__name__ == "GptOssExperts":
+            for name in ("gate_up_proj", "down_proj"):
+                parametrize.register_parametrization(module, name, FakeQuant(kind, block), unsafe=True)
+    return model
+
+
+def step_fn(model, opt, batch):
+    def step():
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure(path: str, args, batch) -> dict:
+    cuda = batch.is_cuda
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model = prepare(build_model(args), path, batch)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    step = step_fn(model, opt, batch)
+    for _ in range(args.warmup):
+        step()
+    _sync()
+    setup_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    if cuda:  # steady state: weights, grads and optimizer states exist; what one more step needs on top
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        loss = step()
+        _sync()
+        times.append(time.perf_counter() - start)
+    result = {
+        "path": path, "step_s": statistics.median(times), "step_s_all": times, "loss": float(loss),
+        "tokens_per_s": batch.numel() / statistics.median(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "setup_peak_gib": setup_peak,
+    }
+    if args.profile and path in args.profile_paths:
+        result["profile"] = profile(step)
+    del model, opt, step
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return result
+
+
+def profile(step, top: int = 12) -> list[dict]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync()
+    rows = []
+    for evt in sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:top]:
+        rows.append({"op": evt.key, "calls": evt.count, "cuda_ms": evt.device_time_total / 1000})
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    rows.append({"op": "(CUDA kernels launched)", "calls": kernels, "cuda_ms": 0.0})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2880)
+    parser.add_argument("--intermediate", type=int, default=2880)
+    parser.add_argument("--vocab", type=int, default=201088)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--sdpa", action="store_true", help="sdpa attention instead of eager (the recipe uses eager)")
+    parser.add_argument("--paths", default="bf16,modelopt:mxfp4,wrapper:mxfp4,engine:mxfp4,modelopt:nvfp4,engine:nvfp4")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-paths", default="engine:mxfp4")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with tiny dims")
+    args = parser.parse_args(argv)
+    args.profile_paths = args.profile_paths.split(",")
+
+    torch.manual_seed(0)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    results = []
+    for path in args.paths.split(","):
+        try:
+            results.append(measure(path, args, batch))
+        except torch.OutOfMemoryError as exc:
+            results.append({"path": path, "error": f"out of memory: {str(exc)[:200]}"})
+            gc.collect()
+            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - one broken path must not lose the others' numbers
+            results.append({"path": path, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print_table(results, args)
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
+            "layers": args.layers, "experts": args.experts, "date": time.strftime("%Y-%m-%d")}
+    try:
+        import modelopt
+        import transformers
+
+        meta.update(transformers=transformers.__version__, modelopt=modelopt.__version__)
+    except ImportError:
+        pass
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return 0
+
+
+def print_table(results: list[dict], args) -> None:
+    base = next((r["step_s"] for r in results if r["path"] == "bf16" and "step_s" in r), None)
+    print(f"\n{'path':<16} {'step s':>8} {'x BF16':>7} {'tokens/s':>10} {'peak GiB':>9} {'setup GiB':>9}  "
+          f"(batch {args.batch}x{args.seq})")
+    for r in results:
+        if "error" in r:
+            print(f"{r['path']:<16} {r['error']}")
+            continue
+        ratio = f"{r['step_s'] / base:.2f}" if base else "-"
+        print(f"{r['path']:<16} {r['step_s']:8.3f} {ratio:>7} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.1f} "
+              f"{r['setup_peak_gib']:9.1f}")
+    for r in results:
+        for row in r.get("profile", []):
+            print(f"  [{r['path']}] {row['op'][:60]:<60} {row['calls']:>6} {row['cuda_ms']:9.2f} ms")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The fast experts path (engine/fast_experts.py) computes what modelopt's gpt-oss wrapper computes.
+
+CPU here (the GPU file test_fp4_triton_gpu.py repeats the comparison with the Triton kernel on an H100).
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import GptOssConfig, GptOssForCausalLM
+
+from engine import fast_experts, quant
+
+
+def tiny(dtype=torch.float32):
+    cfg = GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=32, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    return GptOssForCausalLM(cfg).to(dtype)
+
+
+def quantized(fmt):
+    batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    return quant.quantize(tiny(), fmt, lambda m: m(input_ids=batch), quant.resolve_backend("torch", "cpu"))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
+def test_fast_path_matches_modelopt_wrapper(fmt):
+    slow = quantized(fmt)
+    fast = copy.deepcopy(slow)
+    assert fast_experts.enable(fast) == 2
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    out_slow, out_fast = slow(input_ids=tokens, labels=tokens), fast(input_ids=tokens, labels=tokens)
+    assert torch.equal(out_fast.logits, out_slow.logits)  # same fake-quantized weights, same forward math
+    # Backward sums the per-expert weight gradients in another order (one grouped op vs a loop): fp32 rounding only.
+    out_slow.loss.backward()
+    out_fast.loss.backward()
+    for (name, p), (_, q) in zip(slow.named_parameters(), fast.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_path_uses_exactly_the_exported_weights_with_straight_through_grads():
+    model = quantized("mxfp4")
+    fast_experts.enable(model)
+    effective = quant.effective_expert_weights(model)  # what evaluation and export read
+    twin = copy.deepcopy(model)
+    fast_experts.disable(twin)
+    for item in quant.expert_weights(twin):  # the twin computes with the fake-quantized weights, unquantized
+        item.weight.data.copy_(effective[item.name])
+        item.quantizer.disable()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    twin_out = twin(input_ids=tokens, labels=tokens)
+    twin_out.loss.backward()
+    for a, b in zip(quant.expert_weights(model), quant.expert_weights(twin)):
+        torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-7)  # dL/dW = dL/dW_q
+
+
+def test_w4a4_stays_on_modelopt_path():
+    model = quant.quantize(tiny(), "nvfp4_w4a4", lambda m: m(input_ids=torch.zeros(1, 8, dtype=torch.long)),
+                           quant.resolve_backend("torch", "cpu"))
+    assert fast_experts.enable(model) == 0
+
+
+def test_fake_quantized_weights_are_remade_for_backward_not_kept(monkeypatch):
+    """Forward quantizes each expert weight once; backward remakes it instead of keeping a copy alive."""
+    model = quantized("mxfp4")
+    fast_experts.enable(model)
+    calls = []
+    original = fast_experts.fake_quant_input_dim
+    monkeypatch.setattr(fast_experts, "fake_quant_input_dim", lambda *a: calls.append(1) or original(*a))
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=tokens, labels=tokens).loss
+    assert len(calls) == 4  # 2 layers x (gate_up, down)
+    loss.backward()
+    assert len(calls) == 8  # remade once each for the matmuls' backward
+    with torch.no_grad():
+        model(input_ids=tokens)
+    assert len(calls) == 12  # no hooks without grad

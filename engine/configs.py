@@ -77,7 +77,7 @@ class TrainConfig(StageConfig):
     num_train_epochs: float = Field(1.0, gt=0.0, le=1000.0, description="Epochs when max_steps is -1.")
     per_device_train_batch_size: int = Field(2, ge=1, le=4096, description="Examples per device per micro-batch.")
     gradient_accumulation_steps: int = Field(2, ge=1, le=4096, description="Micro-batches per optimizer step.")
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0, description="Share of steps spent warming up the lr.")
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of steps spent warming up the lr.")
     lr_scheduler_type: Literal["cosine_with_min_lr", "cosine", "linear", "constant"] = Field(
         "cosine_with_min_lr", description="Learning-rate schedule."
     )
@@ -159,8 +159,9 @@ class HardwareConfig(StageConfig):
     gpus: list[int] | None = Field(None, description="GPU indices for this run (default: GPU 0).")
     fp4_backend: Literal["auto", "modelopt", "torch"] = Field(
         "auto",
-        description="Fake-quant kernels: 'modelopt' (its CUDA kernels), 'torch' (our pure-PyTorch backend, "
-        "bit-exact to modelopt's reference; runs anywhere), 'auto' = torch on CPU, our fast path on CUDA.",
+        description="Fake-quant path: 'modelopt' (its CUDA kernels and expert wrapper), 'torch' (our backend, "
+        "bit-exact to modelopt's reference QTensors, inside modelopt's expert wrapper), 'auto' (our backend and our "
+        "fast experts path: each expert weight quantized once per forward, grouped matmuls; same numbers).",
     )
 
 

@@ -1,0 +1,124 @@
+"""Loading and saving models between stages.
+
+Stage outputs are Hugging Face model directories. Quantized ones carry `modelopt_state.pth` (modelopt's
+`enable_huggingface_checkpointing` saves and restores the quantizers with save_pretrained / from_pretrained),
+so every stage loads its input the same way. Saves go to a temp dir that is renamed into place: a kill
+during a save never leaves a directory that looks complete but is not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from engine import quant
+from engine.workspace import stage_key
+
+_CHECKPOINTING_ENABLED = False
+
+
+def enable_modelopt_checkpointing() -> None:
+    global _CHECKPOINTING_ENABLED
+    if not _CHECKPOINTING_ENABLED:
+        import modelopt.torch.opt as mto
+
+        mto.enable_huggingface_checkpointing()
+        _CHECKPOINTING_ENABLED = True
+
+
+def is_mxfp4_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    if not config.exists():
+        return False
+    qcfg = json.loads(config.read_text()).get("quantization_config") or {}
+    return qcfg.get("quant_method") == "mxfp4"
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: str | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a stage's model (plain, quantized with modelopt state, or an OpenAI MXFP4 checkpoint upcast)."""
+    from transformers import AutoModelForCausalLM, Mxfp4Config
+
+    local = Path(path)
+    if (local / "modelopt_state.pth").exists():  # importing modelopt costs ~10 s: only for quantized models
+        enable_modelopt_checkpointing()
+    if backend is not None:
+        from engine import fp4
+
+        fp4.register()  # restored quantizers name our backend; it must exist before the first forward
+    kwargs: dict = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
+    if local.is_dir() and is_mxfp4_checkpoint(local):
+        # OpenAI's gpt-oss ships MXFP4 experts; we train in high precision, so dequantize on load.
+        kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    model.to(device)
+    if is_modelopt_model(model):
+        quant.set_backend(model, backend)
+    return model
+
+
+def is_modelopt_model(model) -> bool:
+    """True when modelopt converted the model (quantizers inside); needs no modelopt import to answer."""
+    return any(type(m).__module__.startswith("modelopt.") for m in model.modules())
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+
+
+def save_model_atomic(model, tokenizer, out_dir: Path) -> Path:
+    """save_pretrained into `<out_dir>.tmp`, then rename over `out_dir`."""
+    if is_modelopt_model(model):  # modelopt_state.pth goes with quantized models only
+        enable_modelopt_checkpointing()
+    # TRL turns router-logit outputs on to add the MoE aux loss while training; saved that way, generation breaks
+    # (transformers' load-balancing loss does not handle padded generation batches) and every forward pays for it.
+    if getattr(model.config, "output_router_logits", False):
+        model.config.output_router_logits = False
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
+    replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing an older `dst`: the old one is renamed away first, then deleted."""
+    old = dst.with_name(dst.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_path(run_root: Path, key: str) -> Path:
+    """Where the stage with job key `key` keeps its model. 'prepare' points at the resolved base model."""
+    if key == "prepare":
+        pointer = run_root / "models" / "base.json"
+        if not pointer.exists():
+            raise FileNotFoundError(f"{pointer}: the prepare stage has not run for this run")
+        return Path(json.loads(pointer.read_text())["path"])
+    stage, _, fmt = key.partition(":")
+    return run_root / "models" / stage_key(stage, fmt or None)
+
+
+def write_base_pointer(run_root: Path, path: Path | str, meta: dict) -> None:
+    pointer = run_root / "models" / "base.json"
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"path": str(path), **meta}, indent=2))
+    os.replace(tmp, pointer)

@@ -1,0 +1,68 @@
+"""The same evaluation for every stage: eval loss, pass rate on generated answers, weight quantization error."""
+
+from __future__ import annotations
+
+from engine import evaluation
+from engine.context import Context
+from engine.stages.common import load_splits, model_path, open_model
+
+
+def stage_label(target: str) -> tuple[str, str]:
+    """Job key of the evaluated model -> (stage, format) as in the results table."""
+    if target == "prepare":
+        return "original", "bf16"
+    stage, _, fmt = target.partition(":")
+    return stage, fmt or "bf16"
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.recipe.eval
+    target = ctx.job["target"]
+    stage, fmt = stage_label(target)
+    model, tokenizer = open_model(ctx, target)
+    _, eval_rows = load_splits(ctx)
+
+    ctx.progress(0.05, f"eval loss on {len(eval_rows)} examples")
+    metrics: dict = {"eval_loss": evaluation.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
+
+    picked = pick_examples(eval_rows, cfg.max_examples_per_task)
+    results = evaluation.generate_and_judge(
+        model, tokenizer, picked, cfg.max_new_tokens, cfg.batch_size,
+        on_batch=lambda done, total: ctx.progress(0.1 + 0.8 * done / total, f"generated {done}/{total} answers"),
+    )
+    metrics.update(evaluation.pass_rates(results))
+
+    if fmt != "bf16":
+        reference_key = "sft" if ctx.recipe.sft.enabled else "prepare"
+        reference = evaluation.load_expert_weights(model_path(ctx, reference_key))
+        metrics.update(evaluation.weight_errors(model, reference))
+    ctx.store.put_eval(ctx.run_id, ctx.job_id, stage, fmt, metrics)
+    ctx.store.add_eval_examples([example_row(ctx, stage, fmt, i, r) for i, r in enumerate(results)])
+    return {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("per_tensor")}
+
+
+def pick_examples(rows: list[dict], per_task: int) -> list[dict]:
+    """The first `per_task` eval rows of each task (the eval split is already a deterministic shuffle)."""
+    counts: dict[str, int] = {}
+    picked = []
+    for row in rows:
+        task = row.get("task") or "default"
+        if counts.get(task, 0) < per_task:
+            counts[task] = counts.get(task, 0) + 1
+            picked.append(row)
+    return picked
+
+
+def example_row(ctx: Context, stage: str, fmt: str, idx: int, result: dict) -> dict:
+    row = result["row"]
+    prompt = evaluation.prompt_messages(row)
+    return {
+        "run_id": ctx.run_id, "job_id": ctx.job_id, "stage": stage, "fmt": fmt,
+        "task": row.get("task") or "default", "idx": idx,
+        "prompt": "\n".join(f"[{m['role']}] {m.get('content', '')}" for m in prompt if m["role"] != "system"),
+        "reference": evaluation.reference_of(row),
+        "completion": result["completion"].get("raw", ""),
+        "passed": int(bool(result["verdict"]["passed"])),
+        "detail": {**result["verdict"], "analysis": result["completion"].get("analysis"),
+                   "final": result["completion"].get("final")},
+    }

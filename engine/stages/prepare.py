@@ -1,0 +1,66 @@
+"""Stage 0: resolve the base model and check the data, before any training starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine import models
+from engine.configs import EMBEDDED_MODEL
+from engine.context import Context
+from engine.stages.common import load_splits
+
+
+def run(ctx: Context) -> dict:
+    source = ctx.recipe.model.source
+    if source == EMBEDDED_MODEL:
+        from engine.tiny import ensure_tiny_base
+
+        ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
+        path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log)
+    else:
+        path = resolve_checkpoint(source)
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("model_type") != "gpt_oss":
+        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'gpt_oss'; "
+                         "QAT Studio trains gpt-oss models")
+    models.write_base_pointer(ctx.run_dir, path, {"source": source,
+                                                  "quantized": models.is_mxfp4_checkpoint(Path(path))})
+    ctx.store.add_artifact(ctx.run_id, ctx.job_id, "base_model", str(path), sha256="", meta={"source": source})
+
+    ctx.progress(0.8, "checking the dataset against the model's tokenizer")
+    check_data_lengths(ctx, models.load_tokenizer(path, trust_remote_code=ctx.recipe.model.trust_remote_code))
+    train_rows, eval_rows = load_splits(ctx)
+    return {"base_model": str(path), "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+
+
+def check_data_lengths(ctx: Context, tokenizer) -> None:
+    """Examples longer than data.max_length would be cut silently by the trainer: refuse them, naming the rows."""
+    from engine.data import DataError, check_lengths, load_chat_dataset
+    from engine.workspace import ASSETS
+
+    data = ctx.recipe.data
+    issues = []
+    for source in filter(None, (data.source, data.eval_source)):
+        issues += check_lengths(load_chat_dataset(source, root=ASSETS), tokenizer, data.max_length, source=source)
+    if issues:
+        raise DataError(issues)
+
+
+def resolve_checkpoint(source: str) -> Path:
+    """A local directory as is; a hub id downloaded into the HF cache (needs a network)."""
+    local = Path(source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"{local}: no config.json; point model.source at a Hugging Face model directory")
+        return local.resolve()
+    if local.exists():
+        raise ValueError(f"{local}: is a file; model.source must be a model directory or a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
+                                                              "tokenizer*"]))
+    except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean the same to the user
+        raise RuntimeError(f"could not fetch model '{source}' from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                           "check the id and your network, or download it and pass the local directory") from None

@@ -1,0 +1,45 @@
+"""Stage 2: post-training quantization (the baseline QAT must beat): insert modelopt quantizers, calibrate."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import torch
+
+from engine import models, quant
+from engine.context import Context
+from engine.stages.common import backend, load_splits, open_model
+
+
+def run(ctx: Context) -> dict:
+    fmt = ctx.job["fmt"]
+    cfg = ctx.recipe.ptq
+    source = ctx.job["config"].get("source", "sft" if ctx.recipe.sft.enabled else "prepare")
+    model, tokenizer = open_model(ctx, source)
+    train_rows, _ = load_splits(ctx)
+    calib = random.Random(cfg.calib_size).sample(train_rows, min(cfg.calib_size, len(train_rows)))
+    ctx.progress(0.1, f"quantizing to {fmt} (calibrating on {len(calib)} training examples)")
+    model = quant.quantize(model, fmt, calibration_loop(tokenizer, calib, ctx.recipe.data.max_length), backend(ctx),
+                           cfg.block_size)
+    summary = quant.quant_summary(model)
+    out = ctx.model_dir(f"ptq:{fmt}")
+    models.save_model_atomic(model, tokenizer, out)
+    (out / "quant_summary.json").write_text(json.dumps(summary, indent=1))
+    enabled = [row for row in summary if row["enabled"]]
+    return {"format": fmt, "quantizers_enabled": len(enabled), "quantizers_total": len(summary)}
+
+
+def calibration_loop(tokenizer, rows: list[dict], max_length: int, batch_size: int = 8):
+    """modelopt's forward_loop: run the calibration conversations through the model (max calibration)."""
+
+    @torch.no_grad()
+    def forward_loop(model) -> None:
+        device = next(model.parameters()).device
+        texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=max_length, add_special_tokens=False).to(device)
+            model(**enc)
+
+    return forward_loop

@@ -1,0 +1,182 @@
+"""What SFT and QAT share: TRL trainer arguments from our config, metrics into storage, resume.
+
+SFT runs TRL's SFTTrainer; QAT runs modelopt's QATSFTTrainer (SFTTrainer plus modelopt's state handling) on the
+already fake-quantized model. Loss is on assistant tokens only (the chat template marks them).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from engine.configs import TrainConfig
+from engine.context import Context
+
+
+class StoreMetricsCallback(TrainerCallback):
+    """Trainer logs -> the metrics table (the UI plots them), plus tokens/s and job progress."""
+
+    def __init__(self, ctx: Context, stage_label: str):
+        self.ctx = ctx
+        self.stage_label = stage_label
+        self._last_time: float | None = None
+        self._last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.time()
+        self._last_tokens = float(state.num_input_tokens_seen or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}
+        values.pop("total_flos", None)
+        tokens = float(state.num_input_tokens_seen or 0)
+        now = time.time()
+        if "loss" in values and self._last_time is not None and now > self._last_time and tokens > self._last_tokens:
+            values["tokens_per_s"] = (tokens - self._last_tokens) / (now - self._last_time)
+            self._last_time, self._last_tokens = now, tokens
+        if values:
+            self.ctx.metrics(state.global_step, **values)
+        if state.max_steps:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "eval_loss", "learning_rate"))
+            self.ctx.progress(state.global_step / state.max_steps, f"{self.stage_label} step {state.global_step}/"
+                              f"{state.max_steps} {summary}")
+        if "loss" in values and not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"loss became {values['loss']} at step {state.global_step}: lower the learning rate "
+                "or check the data for empty/broken examples"
+            )
+
+
+def trl_args(cfg: TrainConfig, ctx: Context, output_dir: Path, max_length: int):
+    """TRL SFTConfig from our TrainConfig (the only place where our fields map onto TRL's)."""
+    from trl import SFTConfig
+
+    on_cuda = ctx.device.type == "cuda"
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=max(cfg.per_device_train_batch_size, 8),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 takes a ratio as a float < 1 here
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_cuda and ctx.dtype.is_floating_point and ctx.dtype.itemsize == 2,
+        use_cpu=not on_cuda,
+        report_to=[],
+        assistant_only_loss=True,
+        max_length=max_length,
+        packing=False,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    if cfg.lr_scheduler_type == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": cfg.min_lr_rate}
+    return SFTConfig(**kwargs)
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
+    if not output_dir.exists():
+        return None
+    found = []
+    for child in output_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").exists():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def as_dataset(rows: list[dict]):
+    """Only `messages` goes to TRL: it renders them with the tokenizer's chat template."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": r["messages"]} for r in rows])
+
+
+def train(trainer, ctx: Context, output_dir: Path) -> dict:
+    """Run (or resume) training; on resume, metric rows after the checkpoint are dropped so plots stay continuous."""
+    resume = latest_checkpoint(output_dir)
+    if resume is not None:
+        dropped = ctx.store.delete_metrics_after(ctx.job_id, checkpoint_step(resume))
+        ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        metrics.update(trainer.evaluate())
+        ctx.metrics(trainer.state.global_step, **{k: float(v) for k, v in metrics.items() if k == "eval_loss"})
+    return metrics
+
+
+def atomic_trainer(base: type) -> type:
+    """`base` with checkpoints written to a staging dir and renamed into place.
+
+    transformers' Trainer writes `checkpoint-N` file by file; a kill mid-save would leave a directory that looks
+    like a checkpoint but is not. Here it is written under `.staging/` and moved with one rename.
+    """
+
+    class AtomicCheckpoints(base):
+        def _save_checkpoint(self, model, trial):
+            import os
+            import shutil
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            final_root = self.args.output_dir
+            staging = os.path.join(final_root, ".staging")
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = final_root
+            if self.args.should_save:
+                name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                target = os.path.join(final_root, name)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(os.path.join(staging, name), target)
+                _rotate(Path(final_root), self.args.save_total_limit)
+
+    AtomicCheckpoints.__name__ = f"Atomic{base.__name__}"
+    return AtomicCheckpoints
+
+
+def _rotate(root: Path, keep: int | None) -> None:
+    import shutil
+
+    if not keep:
+        return
+    found = sorted((checkpoint_step(p), p) for p in root.glob("checkpoint-*") if p.is_dir())
+    for _, path in found[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,309 @@
+"""Serving, for real: the tiny gpt-oss quantized and exported to MXFP4, served by `transformers serve` on a free
+loopback port, talked to through engine.chat (the openai client). No mocks; every process started is stopped.
+
+The base model is pre-trained briefly (40 steps, cached in test-artifacts/browser-cache like the browser test's) and
+not fine-tuned, so its answers are not the SFT's: the tests check the answer's structure and that the served model
+computes exactly what the exported weights compute in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import harmony, serving
+from engine.chat import ChatClient
+from engine.servers.backends import BACKENDS, ExternalEndpoint
+from engine.servers.formats import Finding, check_compatibility, inspect_checkpoint
+from engine.workspace import REPO_ROOT
+from storage import Store
+from storage.db import StorageError
+
+CACHE = REPO_ROOT / "test-artifacts" / "browser-cache"
+QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
+SECRET = "sk-test-NEVER-STORE-4242"
+
+
+@pytest.fixture(scope="module")
+def tiny_base() -> Path:
+    from engine.tiny import ensure_tiny_base
+
+    return ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from engine import quant
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32, attn_implementation="eager")
+    return quant.quantize(model, "mxfp4", None, quant.resolve_backend("torch", "cpu")).eval()
+
+
+@pytest.fixture(scope="module")
+def mx_export(quantized, tiny_base, tmp_path_factory) -> Path:
+    from engine.export_mxfp4 import export_mxfp4
+    from engine.tiny import load_tokenizer
+
+    out = tmp_path_factory.mktemp("run") / "exports" / "mxfp4"
+    export_mxfp4(quantized, load_tokenizer(tiny_base), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Store:
+    workdir = tmp_path_factory.mktemp("serving") / "workspace"
+    return Store(workdir / "studio.db")
+
+
+@pytest.fixture(scope="module")
+def server(store, mx_export):
+    row = serving.start_server(store, mx_export, "transformers", timeout=180)
+    yield row
+    serving.stop_server(store, row["id"])
+
+
+@pytest.fixture(scope="module")
+def in_process(mx_export):
+    """The export loaded the way the docs say to on CPU: MXFP4 experts dequantized, the export's bf16."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
+
+    model = AutoModelForCausalLM.from_pretrained(str(mx_export), quantization_config=Mxfp4Config(dequantize=True),
+                                                 dtype=torch.bfloat16)
+    return model.eval(), AutoTokenizer.from_pretrained(str(mx_export))
+
+
+# ------------------------------------------------------------------------------------------------ plans, no server
+
+
+def test_commands_and_options_for_every_backend(mx_export) -> None:
+    plan = serving.plan_server(mx_export, "transformers", port=8123)
+    assert plan.command.startswith(f"transformers serve {mx_export} --device cpu --dtype auto")
+    assert "--host 127.0.0.1 --port 8123" in plan.command and not plan.errors
+    assert plan.info.format == "mxfp4" and plan.info.harmony and not plan.info.response_template
+    trt = serving.plan_server(mx_export, "trtllm", port=8124, options={"tp_size": 2, "max_batch_size": 16,
+                                                                       "kv_cache_free_gpu_memory_fraction": 0.5})
+    for flag in ("--tp_size 2", "--pp_size 1", "--max_batch_size 16", "--max_num_tokens 2048",
+                 "--kv_cache_free_gpu_memory_fraction 0.5", "--backend pytorch"):
+        assert flag in trt.command
+    assert serving.plan_server(mx_export, "vllm").command.startswith(f"vllm serve {mx_export} --host 127.0.0.1")
+    assert "-m sglang.launch_server --model-path" in serving.plan_server(mx_export, "sglang").command
+    for name in ("vllm", "sglang", "trtllm"):  # none is installed here (and there is no GPU): said, command shown
+        plan = serving.plan_server(mx_export, name)
+        assert not plan.installed and any("not installed" in e for e in plan.errors) and plan.command
+    with pytest.raises(ValueError):  # typed options: unknown fields (e.g. a key) and out-of-range values refused
+        serving.plan_server(mx_export, "trtllm", options={"api_key": SECRET})
+    with pytest.raises(ValueError):
+        serving.plan_server(mx_export, "trtllm", options={"kv_cache_free_gpu_memory_fraction": 1.5})
+
+
+def _fake_checkpoint(tmp_path: Path, qcfg: dict | None) -> Path:
+    path = tmp_path / "ckpt"
+    path.mkdir()
+    config = {"model_type": "gpt_oss", **({"quantization_config": qcfg} if qcfg else {})}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("qcfg, fmt", [
+    ({"quant_method": "mxfp4"}, "mxfp4"),
+    ({"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4"}, "nvfp4"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "nvfp4_w4a4"),
+    (None, "bf16"),
+])
+def test_format_detection_and_what_it_needs(tmp_path, qcfg, fmt) -> None:
+    info = inspect_checkpoint(_fake_checkpoint(tmp_path, qcfg))
+    assert info.format == fmt
+    hopper, blackwell = ({"name": "H100", "capability": (9, 0), "memory_gb": 80},), \
+        ({"name": "B200", "capability": (10, 0), "memory_gb": 180},)
+    on_hopper = check_compatibility(BACKENDS["vllm"], info, gpus=hopper)
+    on_blackwell = check_compatibility(BACKENDS["vllm"], info, gpus=blackwell)
+    by_transformers = check_compatibility(BACKENDS["transformers"], info, gpus=())
+    errors = lambda found: [f.text for f in found if f.level == "error"]  # noqa: E731
+    if fmt == "nvfp4_w4a4":
+        assert any("Blackwell-class GPUs (sm_100+)" in e for e in errors(on_hopper)) and not errors(on_blackwell)
+    else:
+        assert not errors(on_hopper)
+    if fmt.startswith("nvfp4"):
+        assert any("cannot load pre-quantized NVFP4" in e for e in errors(by_transformers))
+    else:
+        assert not errors(by_transformers)
+    no_gpu = check_compatibility(BACKENDS["trtllm"], info, gpus=())
+    assert any("needs an NVIDIA GPU" in e for e in errors(no_gpu))
+    assert all(isinstance(f, Finding) for f in on_hopper)
+
+
+def test_non_loopback_host_only_when_asked(store, mx_export) -> None:
+    with pytest.raises(serving.ServingError, match="network"):
+        serving.start_server(store, mx_export, host="0.0.0.0")
+    assert store.list_servers() == [] or all(r["host"] != "0.0.0.0" for r in store.list_servers())
+
+
+# ------------------------------------------------------------------------------------------------ a served model
+
+
+def test_chat_streams_analysis_then_final(server) -> None:
+    assert server["status"] == "running" and serving.is_healthy(server)
+    client = ChatClient(server["base_url"], backend="transformers")
+    events = list(client.stream_chat(QUESTION, reasoning_language="French", reasoning_effort="low", max_tokens=64))
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done", events[-1]
+    result = events[-1].result
+    assert result.analysis and result.final, result
+    assert kinds.count("analysis") > 1 and kinds.count("final") > 1  # streamed in pieces, analysis first
+    assert kinds.index("final") > kinds.index("analysis")
+    assert "".join(e.text for e in events if e.kind == "analysis") == result.analysis
+    assert "".join(e.text for e in events if e.kind == "final").strip() == result.final
+    for marker in (*harmony.SPECIAL_TOKENS, "assistantfinal"):
+        assert marker not in result.analysis + result.final
+    stats = result.stats
+    assert 0 < stats.ttft_s < stats.total_s and stats.tokens > 0 and stats.token_source == "server usage"
+    assert stats.decode_tokens_per_s > 0 and stats.finish_reason in ("stop", "length")
+
+
+def test_served_greedy_reply_equals_in_process(server, in_process) -> None:
+    """Token for token: the server's greedy reply is what the exported model generates in-process."""
+    model, tokenizer = in_process
+    client = ChatClient(server["base_url"], backend="transformers")
+    served = client.chat(QUESTION, reasoning_language="German", max_tokens=48, temperature=0.0)
+    messages = client.build_messages(QUESTION, reasoning_language="German")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=48, do_sample=False)
+    new = out[0, ids["input_ids"].shape[1]:]
+    local = harmony.parse_completion(tokenizer.decode(new, skip_special_tokens=False))
+    assert (served.analysis.strip(), served.final.strip()) == (local["analysis"], local["final"])
+    assert served.analysis and served.final
+    assert served.stats.tokens == len(new)
+
+
+def test_served_logits_match_in_process(server, in_process, quantized) -> None:
+    """transformers serve has no logprobs; /v1/systemone returns a softmax over the next-token logits of 26 option
+    labels (A..Z) after a prompt. Those probabilities carry 25 logit differences per prompt: they must equal the
+    in-process dequantized model's exactly (same bf16 weights, same kernels), and the fp32 fake-quant model's
+    (the QAT/PTQ model before export) within bf16 rounding."""
+    from transformers.decision import DecisionConfig, label_token_ids
+
+    model, tokenizer = in_process
+    api = ChatClient(server["base_url"])
+    criteria = {f"option {i}": None for i in range(26)}
+    for state in ("What is 3 plus 4?", "Is the sky green?", "Count the letters in 'garden'."):
+        question = {"type": "choice", "instructions": "Which?", "criteria": criteria}
+        request = {"state": state, "questions": {"q": question}}
+        answer = api._client.post("/systemone", cast_to=object, body={"model": api.model, **request})
+        served = torch.tensor(list(answer["answers"]["q"]["probabilities"].values()), dtype=torch.float64)
+        (inputs, questions), = DecisionConfig().prepare_inputs(request, tokenizer)
+        labels = label_token_ids(tokenizer, tuple(questions[0].labels))
+        with torch.no_grad():
+            bf16 = model(input_ids=inputs["input_ids"]).logits[0, -1, labels].float().softmax(-1).double()
+            fp32 = quantized(input_ids=inputs["input_ids"]).logits[0, -1, labels].softmax(-1).double()
+        assert torch.allclose(served, bf16, rtol=0, atol=1e-6), (served - bf16).abs().max()
+        # bf16 activations and non-expert weights vs fp32: log-prob differences of a few bf16 ulps (2^-8 = 0.4%)
+        assert (served.log() - fp32.log()).abs().max() < 0.05, (served.log() - fp32.log()).abs().max()
+
+
+def test_api_key_never_lands_in_the_database(server, store) -> None:
+    endpoint = ExternalEndpoint(server["base_url"], api_key=SECRET)
+    assert SECRET not in repr(endpoint) and SECRET not in endpoint.describe()
+    client = ChatClient(endpoint.base_url, api_key=endpoint.api_key)  # transformers serve ignores the header
+    assert SECRET not in repr(client)
+    assert client.chat(QUESTION, max_tokens=8).error is None
+    with pytest.raises(StorageError):  # the storage layer refuses a key on a recorded command line
+        store.add_server(backend="vllm", command=f"vllm serve m --api-key {SECRET}", status="starting")
+    workdir = Path(store.path).parent
+    for path in [*workdir.glob("studio.db*"), *workdir.glob("servers/**/*.log")]:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_server_that_cannot_load_fails_with_its_log(store, mx_export, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in mx_export.iterdir():
+        (broken / item.name).write_bytes(item.read_bytes()[:1000] if item.suffix == ".safetensors" else item.read_bytes())
+    with pytest.raises(serving.ServingError, match="exited while starting") as failure:
+        serving.start_server(store, broken, timeout=180)
+    assert "Traceback" in str(failure.value) or "Error" in str(failure.value)  # the log tail says why
+    row = [r for r in store.list_servers() if r["model_path"] == str(broken)][0]
+    assert row["status"] == "failed" and not serving.group_alive(row["pid"])
+
+
+def test_stop_leaves_nothing_and_reconcile_marks_the_killed_one_gone(store, mx_export) -> None:
+    first = serving.start_server(store, mx_export, wait=False)
+    second = serving.start_server(store, mx_export, wait=False)
+    try:
+        first = serving.wait_until_healthy(store, first["id"], timeout=180)
+        second = serving.wait_until_healthy(store, second["id"], timeout=180)
+        os.killpg(first["pid"], signal.SIGKILL)  # e.g. the OOM killer, or a reboot
+        time.sleep(0.5)
+        # A restarted app: a new process that did not start these servers finds them by pid and command line.
+        code = ("import json, sys; from storage import Store; from engine.serving import reconcile_servers; "
+                "print(json.dumps([r['id'] for r in reconcile_servers(Store(sys.argv[1]))]))")
+        out = subprocess.run([sys.executable, "-c", code, str(store.path)], cwd=REPO_ROOT, capture_output=True,
+                             text=True, timeout=120, check=True)
+        live = json.loads(out.stdout.strip().splitlines()[-1])
+        assert second["id"] in live and first["id"] not in live  # (the module's server is live too)
+        assert serving.get_server(store, first["id"])["status"] == "gone"
+        assert serving.get_server(store, second["id"])["status"] == "running"
+    finally:
+        stopped = serving.stop_server(store, second["id"])
+        serving.stop_server(store, first["id"])
+    assert stopped["status"] == "stopped" and stopped["stopped_at"]
+    for row in (first, second):
+        assert not serving.group_alive(row["pid"]), f"processes of server {row['id']} are left"
+        with pytest.raises(ProcessLookupError):
+            os.kill(row["pid"], 0)
+
+
+def test_launch_serve_foreground_until_ctrl_c(mx_export, tmp_path) -> None:
+    port = serving.free_port()
+    proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(tmp_path / "ws"), "serve", str(mx_export),
+                             "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not any("Ctrl-C" in line for line in lines):
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "".join(lines)
+            lines.append(line)
+        text = "".join(lines)
+        assert f"http://127.0.0.1:{port}/v1" in text and "command: " in text and "transformers serve" in text, text
+        assert ChatClient(f"http://127.0.0.1:{port}/v1").chat(QUESTION, max_tokens=8).error is None
+        rows = Store(tmp_path / "ws" / "studio.db").list_servers()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert [r["status"] for r in Store(tmp_path / "ws" / "studio.db").list_servers()] == ["stopped"]
+    assert not serving.group_alive(rows[0]["pid"])
+
+
+def test_bench_runs_on_cpu_with_a_tiny_model(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench/serve_bench.py", "--layers", "2", "--experts", "4", "--hidden", "64",
+                    "--intermediate", "64", "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--requests", "3",
+                    "--max-tokens", "12", "--workdir", str(tmp_path / "ws"), "--json", str(out)],
+                   cwd=REPO_ROOT, check=True, timeout=600)
+    report = json.loads(out.read_text())
+    row = report["results"][0]
+    assert row["backend"] == "transformers" and row["requests"] == 3 and row["load_s"] > 0
+    assert row["ttft_s"]["p50"] > 0 and row["decode_tokens_per_s"]["mean"] > 0 and row["tokens"]["mean"] == 12
+    assert all(r["status"] == "stopped" for r in Store(tmp_path / "ws" / "studio.db").list_servers())
+    from transformers import Mxfp4Config
+
+    from engine.export_mxfp4 import load_export
+
+    # The random checkpoint is a well-formed MXFP4 export: every key present, nothing unexpected.
+    load_export(tmp_path / "ws" / "model-mxfp4", torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True))
+

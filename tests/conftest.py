@@ -20,3 +20,27 @@ def workdir(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("QAT_STUDIO_HOME", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One cache for the whole session: the embedded base model is pre-trained once (deterministic, so safe)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def resumed_run(tmp_path_factory, shared_cache):
+    """The smoke recipe run end to end, with its SFT job killed mid-way and resumed (slow: shared by tests)."""
+    from tests.helpers import run_killed_and_resumed, stop_engines
+
+    old = os.environ.get("QAT_STUDIO_CACHE")
+    os.environ["QAT_STUDIO_CACHE"] = str(shared_cache)
+    try:
+        store, run_id, info = run_killed_and_resumed(tmp_path_factory.mktemp("resumed") / "ws")
+        yield store, run_id, info
+        stop_engines(store)
+    finally:
+        if old is None:
+            os.environ.pop("QAT_STUDIO_CACHE", None)
+        else:
+            os.environ["QAT_STUDIO_CACHE"] = old

@@ -1,0 +1,82 @@
+"""Shared by the end-to-end tests: run launch.py, wait for conditions, stop engines, the resumed smoke run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def launch(args: list[str], timeout: float = 1800, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python launch.py ARGS` in the repo, as a user would run it."""
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop_engines(store) -> None:
+    """SIGTERM every live engine of a workspace and wait until none is left (tests leave no process behind)."""
+    for engine in store.live_engines(max_age_s=60):
+        try:
+            os.kill(engine["pid"], signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    wait_for(lambda: not any(_alive(e["pid"]) for e in store.live_engines(max_age_s=60)), timeout=60,
+             what="the engine to stop")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def run_killed_and_resumed(workdir: Path) -> tuple:
+    """The smoke recipe, with SFT (and the engine) SIGKILLed after its first checkpoint, then resumed to the end."""
+    from engine.training import latest_checkpoint
+    from engine.worker import ensure_engine
+    from engine.workspace import checkpoint_dir
+    from storage import Store
+
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",
+                   "--sft.max_steps", "16", "--sft.save_steps", "4"])
+    assert proc.returncode == 0, proc.stderr
+    store = Store(workdir / "studio.db")
+    run_id = store.list_runs()[0]["id"]
+    sft = next(j for j in store.list_jobs(run_id) if j["stage"] == "sft")
+    ckpts = checkpoint_dir(Path(store.get_run(run_id)["run_dir"]), "sft")
+    wait_for(lambda: latest_checkpoint(ckpts) and store.metrics(job_id=sft["id"], names=["loss"])[-1:]
+             and store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"] > 5, timeout=900,
+             what="SFT to pass its first checkpoint")
+    # A machine crash in miniature: the engine dies, then the job's process group.
+    for engine in store.live_engines(max_age_s=60):
+        os.kill(engine["pid"], signal.SIGKILL)
+    job = store.get_job(sft["id"])
+    os.killpg(job["pid"], signal.SIGKILL)
+    info = {"sft_job": sft["id"], "checkpoint_step": int(latest_checkpoint(ckpts).name.split("-")[1]),
+            "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"]}
+    ensure_engine(workdir, idle_exit=20)
+    wait_for(lambda: store.get_job(sft["id"])["status"] == "interrupted", timeout=60, what="recovery")
+    info["status_after_restart"] = store.get_job(sft["id"])["status"]
+    info["error_after_restart"] = store.get_job(sft["id"])["error"]
+    resumed = launch(["--workdir", str(workdir), "resume", run_id])
+    info["resume_stdout"] = resumed.stdout
+    info["resume_returncode"] = resumed.returncode
+    return store, run_id, info

@@ -1,0 +1,70 @@
+"""Telemetry without a GPU (the CI machine has no NVIDIA driver): a sample with CPU/RAM/disk and a clear note, never an
+exception; storing compact samples for running runs; the header's rendering of both cases."""
+
+from __future__ import annotations
+
+import time
+
+
+from engine import telemetry
+from engine.workspace import db_path
+from storage import Store
+from ui import header
+
+
+def test_sample_without_gpu_reports_cpu_ram_disk(workdir):
+    sample = telemetry.sample(workdir)
+    assert 0 <= sample["cpu_percent"] <= 100 and sample["cpu_count"] >= 1
+    assert 0 < sample["ram_used_gb"] <= sample["ram_total_gb"]
+    assert 0 < sample["disk_used_gb"] <= sample["disk_total_gb"]
+    if not sample["gpus"]:
+        assert sample["gpu_note"].startswith(telemetry.NO_GPU_NOTE)
+    html = header.render(sample)
+    assert "CPU" in html and "RAM" in html and "Disk" in html
+    if not sample["gpus"]:
+        assert "no NVIDIA GPU: showing CPU/RAM only" in html
+
+
+def test_disk_of_a_workspace_not_created_yet(tmp_path):
+    sample = telemetry.sample(tmp_path / "not" / "there")
+    assert sample["disk_total_gb"] > 0
+
+
+def test_gpu_rendering_with_unsupported_readings():
+    gpu = {"index": 0, "name": "H100", "util_percent": 97, "mem_used_gb": 40.0, "mem_total_gb": 80.0,
+           "power_w": None, "power_limit_w": None, "temp_c": 61, "sm_clock_mhz": None,
+           "processes": [{"pid": 123, "name": "python", "mem_gb": 39.5}]}
+    sample = {"cpu_percent": 12.0, "cpu_count": 16, "ram_used_gb": 10.0, "ram_total_gb": 128.0,
+              "disk_used_gb": 1.0, "disk_total_gb": 2.0, "gpus": [gpu], "gpu_note": None}
+    html = header.render(sample)
+    assert "GPU0" in html and "97%" in html and "40.0/80 GB" in html and "n/a/n/a W" in html
+    assert "123 python 39.5 GB" in html
+    compact = telemetry.compact(sample)
+    assert compact["gpu0_util_percent"] == 97 and compact["gpu0_power_w"] is None
+
+
+def test_record_telemetry_for_running_runs(workdir):
+    store = Store(db_path(workdir))
+    running = store.create_run("a", {})
+    store.update_run(running, status="running")
+    idle = store.create_run("b", {})
+    assert telemetry.record_running(store, workdir) == [running]
+    rows = store.telemetry(run_id=running)
+    assert len(rows) == 1 and "cpu_percent" in rows[0]["sample"] and "ram_used_gb" in rows[0]["sample"]
+    assert store.telemetry(run_id=idle) == []
+    stored = telemetry.record_telemetry(store, idle, workdir=workdir)
+    assert store.telemetry(run_id=idle)[0]["sample"] == stored
+
+
+def test_recorder_thread_samples_periodically(workdir):
+    store = Store(db_path(workdir))
+    run_id = store.create_run("a", {})
+    store.update_run(run_id, status="running")
+    recorder = telemetry.Recorder(store, workdir, every_s=0.2)
+    recorder.start()
+    deadline = time.time() + 10
+    while len(store.telemetry(run_id=run_id)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    recorder.stop()
+    recorder.join(timeout=5)
+    assert len(store.telemetry(run_id=run_id)) >= 2

@@ -30,11 +30,16 @@ class JobSpec:
 
 
 def plan(recipe: Recipe) -> list[JobSpec]:
-    jobs = [JobSpec("prepare", "prepare"), JobSpec("evaluate:original", "evaluate", target="prepare", deps=["prepare"])]
+    # Jobs run in this order when their dependencies allow: SFT goes before the original model's evaluation so the
+    # first loss point shows up as early as possible.
+    jobs = [JobSpec("prepare", "prepare")]
     trained = "prepare"
     if recipe.sft.enabled:
-        jobs += [JobSpec("sft", "sft", deps=["prepare"]), JobSpec("evaluate:sft", "evaluate", target="sft", deps=["sft"])]
+        jobs.append(JobSpec("sft", "sft", deps=["prepare"]))
         trained = "sft"
+    jobs.append(JobSpec("evaluate:original", "evaluate", target="prepare", deps=["prepare"]))
+    if recipe.sft.enabled:
+        jobs.append(JobSpec("evaluate:sft", "evaluate", target="sft", deps=["sft"]))
     for fmt in recipe.ptq.formats:
         ptq, qat = f"ptq:{fmt}", f"qat:{fmt}"
         jobs += [

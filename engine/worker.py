@@ -129,13 +129,37 @@ class Engine:
         if not gpus:
             env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job must not grab a GPU another job holds
         cmd = [sys.executable, "-m", "engine.child", "--workdir", str(self.workdir), "--job", str(job["id"])]
+        try:
+            launch = self._accelerate_launch(run, job, gpus)
+        except Exception as exc:  # noqa: BLE001 - a launch that cannot be built fails the job, not the engine
+            self.store.finish_job(job["id"], "failed", error=f"could not launch the job: {exc}")
+            self.store.refresh_run_status(job["run_id"])
+            return
         with open(log, "ab") as out:
+            if launch is not None:  # multi-process training: accelerate launch starts the ranks, all in our session
+                cmd = launch.argv
+                out.write(("accelerate launch; the command of each machine rank:\n" +
+                           "".join(f"  rank {i}: {c}\n" for i, c in enumerate(launch.commands))).encode())
+                out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=workspace.REPO_ROOT, env=env, start_new_session=True)
         self.store.update_job(job["id"], pid=proc.pid, log_path=str(log))
         self.store.refresh_run_status(job["run_id"])
         self.running[job["id"]] = Running(job, proc, set(job["resources"].split(",")))
         print(f"started job {job['id']} {job['config'].get('key')} pid {proc.pid}", flush=True)
+
+    def _accelerate_launch(self, run: dict, job: dict, gpus: list[str]):
+        """The accelerate launch of a multi-process training job (its config written, the commands recorded for the
+        UI as a 'launch' artifact), or None for a one-process job."""
+        from engine import distributed
+        from engine.configs import Recipe
+
+        launch = distributed.prepare_launch(Recipe.model_validate(run["recipe"]), job, Path(run["run_dir"]),
+                                            self.workdir, gpus)
+        if launch is not None:
+            self.store.add_artifact(run["id"], job["id"], "launch", str(launch.config_path),
+                                    meta={"commands": launch.commands, "argv": launch.argv})
+        return launch
 
     def _reap(self) -> None:
         for job_id, item in list(self.running.items()):
@@ -176,13 +200,13 @@ def _kill_group(pid: int, sig: int) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """A running process (a zombie - killed, not yet reaped by a parent that may never reap it - is dead)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _tail(path: str | None, lines: int = 40) -> str:

@@ -41,11 +41,9 @@ def stop_engines(store) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    from engine.worker import _pid_alive
+
+    return _pid_alive(pid)
 
 
 def run_killed_and_resumed(workdir: Path) -> tuple:

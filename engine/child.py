@@ -3,6 +3,11 @@
 The engine starts this with stdout/stderr going to the job's log file. The stage's outcome is written to storage
 here (succeeded, or failed with the error, relevant log lines and advice); if this process dies without writing
 (SIGKILL, OOM killer), the engine records what happened from the exit status.
+
+Under `accelerate launch` (multi-process SFT / QAT, engine/distributed.py) every rank runs this. Only the main rank
+records success. A failure is recorded by the first rank that fails, main or not, and only while the job is still
+running: that rank has the real error, and the others (stopped by torchrun, or failing in a collective because a
+peer died) must not overwrite it. A rank killed outright records nothing; the engine then reads the log tail.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import sys
 import time
 import traceback
 
-from engine import advice, workspace
+from engine import advice, distributed, workspace
 from engine.configs import Recipe
 from engine.context import Context, pick_device
 from storage import Store
@@ -35,26 +40,55 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = store.get_run(job["run_id"])
     started = time.time()
-    print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, pid {os.getpid()}) ==",
+    rank, main = distributed.rank(), distributed.is_main_process()
+    where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
+    print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",
           flush=True)
     try:
         recipe = Recipe.model_validate(run["recipe"])
-        ctx = Context(store, workdir, run, job, recipe, pick_device(recipe, job["resources"]))
+        ctx = Context(store, workdir, run, job, recipe, _rank_device(pick_device(recipe, job["resources"])))
         from engine.stages import stage_function
 
         result = stage_function(job["stage"])(ctx) or {}
-        store.update_job(job["id"], progress=1.0, message=_summary(result))
-        store.finish_job(job["id"], "succeeded")
+        if main:
+            store.update_job(job["id"], progress=1.0, message=_summary(result))
+            store.finish_job(job["id"], "succeeded")
+            print(f"== job {job['id']} succeeded (recorded by rank {rank})", flush=True)
         print(f"== done in {time.time() - started:.1f} s: {json.dumps(result, default=str)[:2000]}", flush=True)
+        _leave_process_group()
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must reach the UI, KeyboardInterrupt included
         detail = traceback.format_exc()
         print(detail, file=sys.stderr, flush=True)
         message = advice.explain(exc, detail)
-        store.finish_job(job["id"], "failed", error=message, error_detail=detail[-6000:])
+        if store.get_job(job["id"])["status"] == "running":  # first failure wins: later ranks fail because of it
+            store.finish_job(job["id"], "failed", error=f"{where}{message}", error_detail=detail[-6000:])
+            main = True  # this rank recorded the outcome: it refreshes the run below
         return 1
     finally:
-        store.refresh_run_status(job["run_id"])
+        if main:
+            store.refresh_run_status(job["run_id"])
+
+
+def _rank_device(device):
+    """Under a multi-GPU launch each local rank owns one of the job's GPUs (the engine made them visible)."""
+    if device.type != "cuda" or distributed.world_size() == 1:
+        return device
+    import torch
+
+    torch.cuda.set_device(distributed.local_rank())
+    return torch.device("cuda", distributed.local_rank())
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the trainer created, so ranks exit without gloo/NCCL teardown warnings. Only after
+    success: after a failure a peer may be gone, and tearing down NCCL then can block; torchrun stops the ranks."""
+    if distributed.world_size() == 1 or "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _summary(result: dict) -> str:

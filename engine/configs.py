@@ -97,6 +97,28 @@ class TrainConfig(StageConfig):
     lora: bool = Field(False, description="Train LoRA adapters (peft) instead of all weights; merged before export.")
     lora_r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha.")
+    lora_target_experts: bool = Field(
+        False,
+        description="LoRA also on the MoE expert weights (peft target_parameters on mlp.experts.gate_up_proj and "
+        "down_proj), besides the attention projections. In QAT the adapter is added before the fake quantizer: "
+        "the model computes with fake_quant(W + BA), which is what the merged export holds.",
+    )
+    lora_expert_layers: list[int] | None = Field(
+        None,
+        description="With lora_target_experts: the layers whose experts get adapters (e.g. [7, 15, 23], one layer "
+        "per third as in OpenAI's fine-tuning notebook); none = every layer. Indices 0..1023.",
+    )
+
+    @field_validator("lora_expert_layers")
+    @classmethod
+    def _layers_valid(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("list at least one layer, or leave it empty (none) for every layer")
+        if any(i < 0 or i > 1023 for i in v) or len(set(v)) != len(v):
+            raise ValueError("layer indices must be unique and within 0..1023")
+        return sorted(v)
 
     @field_validator("max_steps")
     @classmethod
@@ -163,6 +185,55 @@ class HardwareConfig(StageConfig):
         "bit-exact to modelopt's reference QTensors, inside modelopt's expert wrapper), 'auto' (our backend and our "
         "fast experts path: each expert weight quantized once per forward, grouped matmuls; same numbers).",
     )
+    strategy: Literal["single", "ddp", "fsdp2", "deepspeed_zero3"] = Field(
+        "single",
+        description="How SFT and QAT spread over processes: 'single' (one process), 'ddp' (a full copy per GPU), "
+        "'fsdp2' (PyTorch FSDP2, GptOssDecoderLayer units), 'deepspeed_zero3' (ZeRO-3, NVIDIA's gpt-oss recipe; "
+        "needs CUDA and the deepspeed package). Anything but 'single' launches through `accelerate launch`; "
+        "on CPU only 'ddp' runs (over gloo).",
+    )
+    num_processes: int = Field(
+        1, ge=1, le=4096,
+        description="Training processes over all machines together (one per GPU). More than 1 needs a strategy "
+        "other than 'single'; prepare, PTQ, evaluation and export always run in one process.",
+    )
+    num_machines: int = Field(
+        1, ge=1, le=512,
+        description="Machines in the run. With more than 1, the run's workspace must be on a filesystem all of "
+        "them share, and each other machine runs the command the UI shows for its rank.",
+    )
+    machine_rank: int = Field(
+        0, ge=0, le=511, description="Rank of the machine the engine runs on (0 = the main one, the usual case)."
+    )
+    main_process_ip: str = Field(
+        "127.0.0.1", min_length=1, max_length=253,
+        description="Address of the rank-0 machine that the other machines can reach (multi-machine runs).",
+    )
+    main_process_port: int = Field(
+        29500, ge=0, le=65535,
+        description="TCP port of the rank-0 machine for the process-group rendezvous; 0 = any free port "
+        "(one machine only).",
+    )
+
+    @model_validator(mode="after")
+    def _launch_consistent(self) -> HardwareConfig:
+        if (self.strategy == "single") != (self.num_processes == 1):
+            raise ValueError("strategy 'single' means num_processes 1; for more processes pick ddp, fsdp2 or "
+                             "deepspeed_zero3")
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes ({self.num_processes}) must be a multiple of num_machines "
+                             f"({self.num_machines}): each machine runs the same number of processes")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
+        if self.device == "cpu" and self.strategy in ("fsdp2", "deepspeed_zero3"):
+            raise ValueError(f"strategy {self.strategy} needs CUDA GPUs; on CPU use ddp")
+        if self.num_machines > 1 and self.main_process_port == 0:
+            raise ValueError("multi-machine runs need a fixed main_process_port that the other machines dial")
+        per_machine = self.num_processes // self.num_machines
+        if self.gpus is not None and self.num_processes > 1 and len(self.gpus) != per_machine:
+            raise ValueError(f"gpus lists {len(self.gpus)} GPUs but each machine runs {per_machine} processes "
+                             "(one per GPU)")
+        return self
 
 
 class Recipe(StageConfig):
@@ -182,4 +253,8 @@ class Recipe(StageConfig):
     def _qat_needs_formats(self) -> Recipe:
         if self.qat.enabled and not self.ptq.formats:
             raise ValueError("qat.enabled needs at least one format in ptq.formats")
+        sharded = self.hardware.strategy in ("fsdp2", "deepspeed_zero3")
+        if sharded and ((self.sft.enabled and self.sft.lora) or (self.qat.enabled and self.qat.lora)):
+            raise ValueError("LoRA runs are merged in memory before saving, which needs the whole model in one "
+                             "process: use hardware.strategy 'ddp' or 'single' with LoRA")
         return self

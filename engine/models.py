@@ -38,6 +38,60 @@ def is_mxfp4_checkpoint(path: Path) -> bool:
     return qcfg.get("quant_method") == "mxfp4"
 
 
+def check_gpt_oss_checkpoint(path: Path) -> dict:
+    """Check a gpt-oss checkpoint dir without loading it: config, weight files, expert tensors (MXFP4 blocks and
+    scales with the shapes the config implies, or plain weights), tokenizer with a chat template.
+    Returns a summary; raises ValueError naming the problem."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    if config.get("model_type") != "gpt_oss":
+        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'gpt_oss'; "
+                         "QAT Studio trains gpt-oss models")
+    keys = _safetensors_shapes(path)
+    quantized = is_mxfp4_checkpoint(path)
+    layers, experts = config["num_hidden_layers"], config["num_local_experts"]
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    for i in range(layers):
+        for name, (inp, out) in {"gate_up_proj": (hidden, 2 * inter), "down_proj": (inter, hidden)}.items():
+            base = f"model.layers.{i}.mlp.experts.{name}"
+            expected = ({f"{base}_blocks": (experts, out, inp // 32, 16), f"{base}_scales": (experts, out, inp // 32)}
+                        if quantized else {base: (experts, inp, out)})
+            for key, shape in expected.items():
+                if key not in keys:
+                    raise ValueError(f"{path}: {key} missing from the weight files; not a complete gpt-oss checkpoint")
+                if tuple(keys[key]) != shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(keys[key])}, the config implies {shape}")
+    _check_chat_template(path)
+    return {"layers": layers, "experts": experts, "hidden_size": hidden, "quantized": quantized,
+            "tensors": len(keys)}
+
+
+def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{path}: no .safetensors weight files (QAT Studio reads safetensors checkpoints)")
+    shapes: dict[str, list[int]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = f.get_slice(key).get_shape()
+    return shapes
+
+
+def _check_chat_template(path: Path) -> None:
+    """SFT renders the data with the tokenizer's chat template: a checkpoint without one cannot be trained here."""
+    if (path / "chat_template.jinja").exists():
+        return
+    tokenizer_config = path / "tokenizer_config.json"
+    if not tokenizer_config.exists():
+        raise ValueError(f"{path}: no tokenizer (tokenizer_config.json); a gpt-oss checkpoint ships its tokenizer")
+    if not json.loads(tokenizer_config.read_text()).get("chat_template"):
+        raise ValueError(f"{path}: the tokenizer has no chat template (tokenizer_config.json chat_template or "
+                         "chat_template.jinja); gpt-oss's harmony template is needed to render the training data")
+
+
 def load_model(
     path: str | Path,
     dtype: torch.dtype,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -95,12 +96,6 @@ def trl_args(cfg: TrainConfig, ctx: Context, output_dir: Path, max_length: int):
     return SFTConfig(**kwargs)
 
 
-def lora_config(cfg: TrainConfig):
-    from peft import LoraConfig
-
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
-
-
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
     if not output_dir.exists():
@@ -127,15 +122,23 @@ def as_dataset(rows: list[dict]):
 def train(trainer, ctx: Context, output_dir: Path) -> dict:
     """Run (or resume) training; on resume, metric rows after the checkpoint are dropped so plots stay continuous."""
     resume = latest_checkpoint(output_dir)
-    if resume is not None:
+    main = trainer.is_world_process_zero()  # with several ranks only the main one writes to storage
+    if resume is not None and main:
         dropped = ctx.store.delete_metrics_after(ctx.job_id, checkpoint_step(resume))
         ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:
-        metrics.update(trainer.evaluate())
-        ctx.metrics(trainer.state.global_step, **{k: float(v) for k, v in metrics.items() if k == "eval_loss"})
+        done = _eval_at(trainer.state, trainer.state.global_step)
+        # The callback stores evaluate()'s eval_loss; evaluating again at a step already evaluated would store a
+        # second row for the same step. evaluate() runs on every rank: distributed evaluation is a collective.
+        metrics.update(done if done is not None else trainer.evaluate())
     return metrics
+
+
+def _eval_at(state, step: int) -> dict | None:
+    """The eval metrics the trainer logged at `step`, if it evaluated there."""
+    return next((dict(e) for e in reversed(state.log_history) if "eval_loss" in e and e.get("step") == step), None)
 
 
 def atomic_trainer(base: type) -> type:
@@ -143,12 +146,14 @@ def atomic_trainer(base: type) -> type:
 
     transformers' Trainer writes `checkpoint-N` file by file; a kill mid-save would leave a directory that looks
     like a checkpoint but is not. Here it is written under `.staging/` and moved with one rename.
+    With several ranks every rank writes into the staging dir (its own RNG state; FSDP / ZeRO-3 gather the weights
+    collectively), so: the main process clears the staging dir, all wait, all write, all wait, the main process
+    renames, all wait (so nobody looks for the checkpoint before it is in place).
     """
 
     class AtomicCheckpoints(base):
         def _save_checkpoint(self, model, trial):
             import os
-            import shutil
 
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -156,20 +161,52 @@ def atomic_trainer(base: type) -> type:
             staging = os.path.join(final_root, ".staging")
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             self.args.output_dir = staging
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir = final_root
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
                 target = os.path.join(final_root, name)
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(os.path.join(staging, name), target)
                 _rotate(Path(final_root), self.args.save_total_limit)
+            self.accelerator.wait_for_everyone()
 
     AtomicCheckpoints.__name__ = f"Atomic{base.__name__}"
     return AtomicCheckpoints
+
+
+def save_final(trainer, tokenizer, out_dir: Path, merge=None) -> Path:
+    """Write the trained model as the stage's output (atomically), from the main process only.
+
+    One process or DDP: every rank holds the whole model; the main one saves it. `merge(model) -> model` merges
+    LoRA adapters first (W + BA; engine/lora.py).
+    FSDP2 / ZeRO-3: the weights are sharded, so all ranks call `trainer.save_model`, which gathers the full state
+    dict and writes it on the main process; then the main process renames it into place.
+    """
+    from engine import models
+
+    out_dir = Path(out_dir)
+    accelerator = trainer.accelerator
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(trainer.model).config.output_router_logits = False
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            tokenizer.save_pretrained(str(tmp))
+            models.replace_dir(tmp, out_dir)
+    elif trainer.args.should_save:
+        model = accelerator.unwrap_model(trainer.model)
+        models.save_model_atomic(merge(model) if merge else model, tokenizer, out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir
 
 
 def _rotate(root: Path, keep: int | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from engine import models
@@ -20,12 +19,11 @@ def run(ctx: Context) -> dict:
         path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log)
     else:
         path = resolve_checkpoint(source)
-    config = json.loads((Path(path) / "config.json").read_text())
-    if config.get("model_type") != "gpt_oss":
-        raise ValueError(f"{path}: model_type is {config.get('model_type')!r}, not 'gpt_oss'; "
-                         "QAT Studio trains gpt-oss models")
-    models.write_base_pointer(ctx.run_dir, path, {"source": source,
-                                                  "quantized": models.is_mxfp4_checkpoint(Path(path))})
+    ctx.progress(0.5, f"checking the checkpoint at {path}")
+    summary = models.check_gpt_oss_checkpoint(Path(path))
+    ctx.log(f"gpt-oss checkpoint: {summary['layers']} layers, {summary['experts']} experts, "
+            f"{'MXFP4 experts (upcast on load)' if summary['quantized'] else 'unquantized'}")
+    models.write_base_pointer(ctx.run_dir, path, {"source": source, "quantized": summary["quantized"]})
     ctx.store.add_artifact(ctx.run_id, ctx.job_id, "base_model", str(path), sha256="", meta={"source": source})
 
     ctx.progress(0.8, "checking the dataset against the model's tokenizer")
@@ -59,8 +57,9 @@ def resolve_checkpoint(source: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
+        # openai/gpt-oss-* also ship original/ (OpenAI's own layout) and metal/ weights: not needed, many GB.
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt",
-                                                              "tokenizer*"]))
+                                                              "tokenizer*"], ignore_patterns=["original/*", "metal/*"]))
     except Exception as exc:  # noqa: BLE001 - the hub raises many types; all mean the same to the user
         raise RuntimeError(f"could not fetch model '{source}' from the Hugging Face hub ({type(exc).__name__}: {exc}); "
                            "check the id and your network, or download it and pass the local directory") from None

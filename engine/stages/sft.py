@@ -1,8 +1,12 @@
-"""Stage 1: supervised fine-tuning in high precision (TRL SFTTrainer), loss on assistant tokens only."""
+"""Stage 1: supervised fine-tuning in high precision (TRL SFTTrainer), loss on assistant tokens only.
+
+With LoRA (engine/lora.py) the adapters are merged into the weights before saving, so later stages see a plain model.
+Under `accelerate launch` every rank runs this; only the main one writes the model (training.save_final).
+"""
 
 from __future__ import annotations
 
-from engine import models, training
+from engine import lora, training
 from engine.context import Context
 from engine.stages.common import load_splits, open_model
 from engine.workspace import checkpoint_dir
@@ -22,10 +26,9 @@ def run(ctx: Context) -> dict:
         train_dataset=training.as_dataset(train_rows),
         eval_dataset=training.as_dataset(eval_rows[: cfg.eval_examples]),
         processing_class=tokenizer,
-        peft_config=training.lora_config(cfg) if cfg.lora else None,
+        peft_config=lora.lora_config(cfg, model) if cfg.lora else None,
         callbacks=[training.StoreMetricsCallback(ctx, "SFT")],
     )
     metrics = training.train(trainer, ctx, out)
-    trained = trainer.model.merge_and_unload() if cfg.lora else trainer.model
-    models.save_model_atomic(trained, tokenizer, ctx.model_dir("sft"))
+    training.save_final(trainer, tokenizer, ctx.model_dir("sft"), merge=lora.merge if cfg.lora else None)
     return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}

@@ -1,0 +1,87 @@
+"""The memory / time estimator against numbers computed by hand (and one measured on an H100)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.estimate import GIB, KNOWN, OVERHEAD_GIB, estimate, lora_parameters, parameter_counts
+
+# gpt-oss-20b by hand: H = I = 2880, 24 layers, 32 experts, 64 heads x 64, 8 KV heads, vocab 201088, untied.
+EXPERTS_PER_LAYER_20B = 32 * (2880 * 5760 + 5760 + 2880 * 2880 + 2880)  # gate_up + down, with biases = 796,538,880
+ATTENTION_PER_LAYER = (2880 * 4096 + 4096) + 2 * (2880 * 512 + 512) + (4096 * 2880 + 2880) + 64  # 26,550,144
+P_20B = 24 * (ATTENTION_PER_LAYER + 2880 * 32 + 32 + EXPERTS_PER_LAYER_20B) + 2 * 2880 * 24 + 2880 + 2 * 201088 * 2880
+P_120B = (36 * (ATTENTION_PER_LAYER + 2880 * 128 + 128 + 4 * EXPERTS_PER_LAYER_20B) + 2 * 2880 * 36 + 2880
+          + 2 * 201088 * 2880)
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert P_20B == 20_914_757_184 and P_120B == 116_829_156_672  # OpenAI: "21B" and "117B" parameters
+    assert parameter_counts(KNOWN["gpt-oss-20b"])["total"] == P_20B
+    assert parameter_counts(KNOWN["gpt-oss-120b"])["total"] == P_120B
+
+
+def test_states_by_strategy_by_hand():
+    full = estimate("openai/gpt-oss-20b", "full", 1, "single", gpu_memory_gib=80)["per_gpu_gib"]
+    assert full["weights"] == round(2 * P_20B / GIB, 2) == 38.96  # bf16 weights
+    assert full["grads"] == 38.96 and full["optimizer"] == round(4 * P_20B / GIB, 2)  # AdamW moments in bf16
+    zero3 = estimate("openai/gpt-oss-20b", "full", 8, "deepspeed_zero3", gpu_memory_gib=80)["per_gpu_gib"]
+    assert zero3["optimizer"] == round(12 * P_20B / 8 / GIB, 2)  # fp32 master + 2 moments, sharded 8 ways
+    per_layer = ATTENTION_PER_LAYER + 2880 * 32 + 32 + EXPERTS_PER_LAYER_20B + 2 * 2880
+    assert zero3["gathered_layers"] == round(2 * per_layer * 2 / GIB, 2)
+    fsdp = estimate("openai/gpt-oss-20b", "full", 8, "fsdp2", gpu_memory_gib=80)["per_gpu_gib"]
+    assert fsdp["weights"] == round(4 * P_20B / 8 / GIB, 2)  # fp32 sharded parameters
+
+
+def test_lora_parameters_by_hand():
+    per_layer = 8 * ((2880 + 4096) + 2 * (2880 + 512) + (4096 + 2880))  # q, k, v, o: r * (in + out)
+    assert lora_parameters(KNOWN["gpt-oss-20b"], 8, False) == 24 * per_layer == 3_981_312
+    experts = 8 * 32 * ((2880 + 5760) + (2880 + 2880))  # one A/B pair per expert and weight
+    assert lora_parameters(KNOWN["gpt-oss-20b"], 8, True) == 24 * (per_layer + experts)
+    lora = estimate("gpt-oss-20b", "lora", 1, "single", gpu_memory_gib=80)
+    assert lora["trainable_parameters"] == 3_981_312
+    assert lora["per_gpu_gib"]["optimizer"] == round(8 * 3_981_312 / GIB, 2)
+
+
+def test_activations_by_hand():
+    r = estimate("gpt-oss-20b", "full", 8, "deepspeed_zero3", batch=1, seq=4096, gpu_memory_gib=80)
+    t = 4096
+    layer = t * (18 * 2880 + 4 * 4 * 2880) * 2
+    attention = 64 * 4096 * 4096 * 6
+    kept = 24 * t * 2880 * 2 + layer + attention  # gradient checkpointing: layer inputs + one layer recomputed
+    assert r["per_gpu_gib"]["activations"] == round((kept + t * 201088 * 6) / GIB, 2)
+
+
+def test_calibrated_on_the_h100_benchmark():
+    """docs/benchmarks.md: 2-layer 20b-shaped model, batch 4 x 1024, no checkpointing, AdamW: 28.3 GiB peak,
+    0.104-0.105 s per step (39k tokens/s)."""
+    two_layers = dict(KNOWN["gpt-oss-20b"], num_hidden_layers=2)
+    r = estimate(two_layers, batch=4, seq=1024, gradient_checkpointing=False, gpu_memory_gib=80)
+    without_overhead = r["per_gpu_gib"]["total"] - OVERHEAD_GIB
+    assert abs(without_overhead - 28.3) / 28.3 < 0.10
+    assert 0.09 < r["time"]["step_s"] < 0.12
+
+
+def test_verdicts_and_suggestions():
+    full = estimate("gpt-oss-20b", "full", 1, "single", gpu_memory_gib=80)
+    assert full["verdict"] == "does not fit"
+    assert full["suggestions"][0].startswith("use LoRA")
+    assert "use 8 GPUs with ZeRO-3" in full["suggestions"][1]  # NVIDIA: 20b full SFT needs 8 x 80 GB
+    assert estimate("gpt-oss-20b", "full", 8, "deepspeed_zero3", gpu_memory_gib=80)["verdict"] == "fits"
+    big = estimate("gpt-oss-120b", "full", 8, "deepspeed_zero3", gpu_memory_gib=80)
+    assert big["verdict"] == "does not fit" and any("64 GPUs with ZeRO-3" in s for s in big["suggestions"])
+    small_card = estimate("gpt-oss-20b", "lora", 1, "single", gpu_memory_gib=24)
+    assert small_card["verdict"] == "does not fit" and small_card["available_source"] == "given"
+
+
+def test_config_sources_and_bad_arguments(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(KNOWN["gpt-oss-20b"]))
+    assert estimate(tmp_path, gpu_memory_gib=80)["parameters"] == P_20B
+    assert estimate(tmp_path / "config.json", gpu_memory_gib=80)["parameters"] == P_20B
+    with pytest.raises(ValueError, match="strategy 'single' runs on one GPU"):
+        estimate("gpt-oss-20b", gpus=2)
+    with pytest.raises(ValueError, match="method"):
+        estimate("gpt-oss-20b", method="qlora")
+    with pytest.raises(FileNotFoundError):
+        estimate(tmp_path / "missing")

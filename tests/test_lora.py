@@ -1,0 +1,99 @@
+"""LoRA SFT then LoRA QAT from a gpt-oss MXFP4 checkpoint, adapters on attention and on the experts of one layer,
+merged and exported; the export must hold exactly the weights the adapted QAT model computed with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_real_checkpoint import (  # noqa: F401 - one_thread is a fixture
+    make_mxfp4_checkpoint, make_small_data, one_thread, recipe_for, stage_context)
+from transformers import Mxfp4Config
+
+from engine import lora, models, quant
+from engine.configs import TrainConfig
+from engine.export_mxfp4 import load_export
+from storage import Store
+
+LORA = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_target_experts": True, "lora_expert_layers": [1]}
+EXPERTS = [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in quant.EXPERT_WEIGHTS]
+
+
+def test_expert_targets_and_config():
+    assert lora.expert_targets(TrainConfig(lora=True)) is None
+    everywhere = TrainConfig(lora=True, lora_target_experts=True)
+    assert lora.expert_targets(everywhere) == ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    some = TrainConfig(lora=True, lora_target_experts=True, lora_expert_layers=[7, 3])
+    assert lora.expert_targets(some) == ["layers.3.mlp.experts.gate_up_proj", "layers.3.mlp.experts.down_proj",
+                                         "layers.7.mlp.experts.gate_up_proj", "layers.7.mlp.experts.down_proj"]
+    config = lora.lora_config(some)
+    assert config.target_modules == "all-linear" and config.lora_dropout == 0.0  # ParamWrapper refuses dropout
+    with pytest.raises(ValueError, match="unique"):
+        TrainConfig(lora_expert_layers=[1, 1])
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    make_mxfp4_checkpoint(root / "gpt-oss-mxfp4")
+    train, held_out = make_small_data(root)
+    return root / "gpt-oss-mxfp4", train, held_out
+
+
+def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread):
+    from engine.stages import export, prepare, ptq, qat, sft
+
+    checkpoint, train, held_out = assets
+    overrides = {f"{stage}.{k}": v for stage in ("sft", "qat") for k, v in LORA.items()}
+    recipe = recipe_for(checkpoint, train, held_out, **overrides, **{
+        "sft.max_steps": 4, "sft.save_steps": 4, "sft.eval_steps": 4, "qat.learning_rate": 5e-3,
+        "qat.max_steps": 3, "qat.save_steps": 3, "qat.eval_steps": 3})
+    with Store(tmp_path / "studio.db") as store:
+        ctx = stage_context(store, tmp_path / "runs" / "r", recipe, "prepare")
+        prepare.run(ctx)
+        run = dict(run_id=ctx.run_id)
+        sft.run(stage_context(store, ctx.run_dir, recipe, "sft", **run))
+        base = models.load_model(checkpoint, torch.float32, torch.device("cpu"))
+        tuned = models.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
+        changed = {n for n in EXPERTS if not torch.equal(base.get_parameter(n), tuned.get_parameter(n))}
+        assert changed == {EXPERTS[2], EXPERTS[3]}  # merged adapters on layer 1's experts only
+        q_proj = "model.layers.0.self_attn.q_proj.weight"
+        assert not torch.equal(base.get_parameter(q_proj), tuned.get_parameter(q_proj))  # attention adapters merged
+        assert "lora" not in str(list(load_file(str(ctx.model_dir("sft") / "model.safetensors")))).lower()
+
+        ptq.run(stage_context(store, ctx.run_dir, recipe, "ptq", "mxfp4", **run))
+        qat_ctx = stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run)
+        qat.run(qat_ctx)
+
+        # What the adapted model computed with: the PTQ model + the last QAT checkpoint (adapters and all, as a
+        # resume loads it), fake_quant(W + BA).
+        adapted, _ = _open(ctx, "ptq:mxfp4")
+        lora.add_adapters(adapted, recipe.qat)
+        state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "model.safetensors"))
+        missing, unexpected = adapted.load_state_dict(state, strict=False)
+        assert not unexpected and not [k for k in missing if "lora" in k or "weight" in k]
+        trained_b = [p for n, p in adapted.named_parameters() if "experts" in n and "lora_B" in n]
+        assert len(trained_b) == 2 and all(p.abs().sum() > 0 for p in trained_b)  # the expert adapters did train
+        computed = lora.quantized_weights_with_adapters(adapted)
+        assert set(computed) == set(EXPERTS[2:])
+
+        merged, _ = _open(ctx, "qat:mxfp4")
+        effective = quant.effective_expert_weights(merged)
+        for name, weight in computed.items():
+            assert torch.equal(effective[name], weight), name  # merge + fake quant == what QAT trained with
+        prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(adapted(input_ids=prompt).logits, merged(input_ids=prompt).logits, atol=1e-5)
+
+        export.run(stage_context(store, ctx.run_dir, recipe, "export", "mxfp4", target="qat:mxfp4", **run))
+        reloaded = load_export(ctx.run_dir / "exports" / "mxfp4", torch.bfloat16,
+                               quantization_config=Mxfp4Config(dequantize=True))
+        for name in EXPERTS:
+            assert torch.equal(reloaded.get_parameter(name).float(), effective[name]), name
+
+
+def _open(ctx, key: str):
+    from engine.stages.common import open_model
+
+    model, tokenizer = open_model(ctx, key)
+    return model.eval(), tokenizer

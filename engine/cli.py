@@ -146,7 +146,6 @@ def finish(store, run_id: str, elapsed: float) -> int:
 
 def cmd_resume(run_id: str, workdir: Path, wait: bool = True) -> int:
     from engine.worker import ensure_engine
-    from storage import Store
 
     store = _existing_store(workdir)
     if store.get_run(run_id) is None:

@@ -184,3 +184,23 @@ class Recorder(threading.Thread):
 
 
 psutil.cpu_percent(interval=None)  # prime the counter so the first real sample is meaningful, not 0.0
+
+
+def gpu_release_note(pids: set[int], gpu_indices: list[int], timeout: float = 10.0) -> str:
+    """After a job was killed: do any of its processes still hold memory on its GPUs (NVML)? Waits up to `timeout`
+    for the driver to let go, then says what it found, so a cancel reports released memory instead of assuming it."""
+    if not gpu_indices:
+        return ""
+    deadline = time.time() + timeout
+    while True:
+        found, note = gpus()
+        if note:
+            return f"GPU memory release not checked ({note})"
+        holders = [(g["index"], p["pid"]) for g in found if g["index"] in gpu_indices for p in g["processes"]
+                   if p["pid"] in pids]
+        if not holders:
+            return f"GPU memory released: no process of this job on cuda:{','.join(map(str, gpu_indices))} (NVML)"
+        if time.time() > deadline:
+            held = ", ".join(f"pid {pid} on cuda:{index}" for index, pid in holders)
+            return f"GPU memory still held after the cancel: {held}"
+        time.sleep(0.5)

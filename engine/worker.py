@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import advice, workspace
@@ -26,6 +26,7 @@ from storage import Store
 
 HEARTBEAT_S = 2.0
 KILL_GRACE_S = 10.0
+JOB_NICENESS = 10
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Running:
     proc: subprocess.Popen
     resources: set[str]
     cancel_sent_at: float | None = None
+    group_pids: set[int] = field(default_factory=set)
 
 
 class Engine:
@@ -142,7 +144,8 @@ class Engine:
                            "".join(f"  rank {i}: {c}\n" for i, c in enumerate(launch.commands))).encode())
                 out.flush()
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=workspace.REPO_ROOT, env=env, start_new_session=True)
+                                    cwd=workspace.REPO_ROOT, env=env, start_new_session=True,
+                                    preexec_fn=_lower_priority)
         self.store.update_job(job["id"], pid=proc.pid, log_path=str(log))
         self.store.refresh_run_status(job["run_id"])
         self.running[job["id"]] = Running(job, proc, set(job["resources"].split(",")))
@@ -171,12 +174,20 @@ class Engine:
             job = self.store.get_job(job_id)
             if item.cancel_sent_at is not None or job["status"] == "cancelling":
                 self.store.finish_job(job_id, "cancelled", error="cancelled by the user")
+                self._note_gpu_release(job_id, item)
             elif job["status"] == "running":  # the child died before it could record its outcome
                 tail = _tail(job["log_path"])
                 status = "interrupted" if code < 0 else "failed"
                 self.store.finish_job(job_id, status, error=advice.explain_exit(code, tail), error_detail=tail)
             self.store.refresh_run_status(job["run_id"])
             print(f"job {job_id} ended with exit status {code}", flush=True)
+
+    def _note_gpu_release(self, job_id: int, item: Running) -> None:
+        gpus = sorted(int(r.split(":")[1]) for r in item.resources if r.startswith("cuda:"))
+        if gpus:
+            from engine.telemetry import gpu_release_note
+
+            self.store.update_job(job_id, message=gpu_release_note(item.group_pids | {item.proc.pid}, gpus))
 
     def _handle_cancels(self) -> None:
         now = time.time()
@@ -186,10 +197,30 @@ class Engine:
                 self.store.finish_job(job["id"], "cancelled", error="cancelled by the user")
                 self.store.refresh_run_status(job["run_id"])
             elif item.cancel_sent_at is None:
+                item.group_pids = _group_pids(item.proc.pid)  # remembered to check their GPU memory afterwards
                 _kill_group(item.proc.pid, signal.SIGTERM)
                 item.cancel_sent_at = now
             elif now - item.cancel_sent_at > KILL_GRACE_S:
                 _kill_group(item.proc.pid, signal.SIGKILL)
+
+
+def _lower_priority() -> None:
+    """Jobs run at nice 10: training takes every core it can get, and the web page must still answer at once."""
+    os.nice(JOB_NICENESS)
+
+
+def _group_pids(pgid: int) -> set[int]:
+    """Every process of a job's process group (e.g. all ranks under accelerate launch)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid:
+                pids.add(proc.info["pid"])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
 
 
 def _kill_group(pid: int, sig: int) -> None:

@@ -64,10 +64,12 @@ def run_killed_and_resumed(workdir: Path) -> tuple:
              and store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"] > 5, timeout=900,
              what="SFT to pass its first checkpoint")
     # A machine crash in miniature: the engine dies, then the job's process group.
-    for engine in store.live_engines(max_age_s=60):
-        os.kill(engine["pid"], signal.SIGKILL)
+    engines = [e["pid"] for e in store.live_engines(max_age_s=60)]
+    for pid in engines:
+        os.kill(pid, signal.SIGKILL)
     job = store.get_job(sft["id"])
     os.killpg(job["pid"], signal.SIGKILL)
+    wait_for(lambda: not any(_alive(pid) for pid in [*engines, job["pid"]]), timeout=30, what="the kills")
     info = {"sft_job": sft["id"], "checkpoint_step": int(latest_checkpoint(ckpts).name.split("-")[1]),
             "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"]}
     ensure_engine(workdir, idle_exit=20)

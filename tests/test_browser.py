@@ -229,3 +229,27 @@ def test_whole_recipe_in_the_browser(app):
     shots = _screenshots(page)
     assert all(p.stat().st_size > 10_000 for p in shots)
     print(f"browser test: {time.time() - started:.0f} s")
+
+
+@pytest.mark.skipif(not os.environ.get("SCREENSHOT_WORKDIR"), reason="set SCREENSHOT_WORKDIR=<a workspace with a "
+                    "finished demo run> to refresh the README's screenshots from it")
+def test_readme_screenshots_from_a_finished_run():
+    """Not a check: renders every tab of an existing workspace (e.g. after `launch.py run demo.yaml`) for the README."""
+    sync_playwright = _playwright()
+    workdir = Path(os.environ["SCREENSHOT_WORKDIR"]).resolve()
+    port = _free_port()
+    log = open(workdir / "app-screenshots.log", "wb")
+    proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "--port", str(port)],
+                            cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", proc, timeout=120)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = _open(browser, f"http://127.0.0.1:{port}/")
+            os.environ["UPDATE_SCREENSHOTS"] = "1"
+            assert all(path.stat().st_size > 10_000 for path in _screenshots(page))
+            browser.close()
+    finally:
+        _stop_everything(proc, workdir)
+        log.close()

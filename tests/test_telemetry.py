@@ -68,3 +68,14 @@ def test_recorder_thread_samples_periodically(workdir):
     recorder.stop()
     recorder.join(timeout=5)
     assert len(store.telemetry(run_id=run_id)) >= 2
+
+
+def test_gpu_release_note_says_what_it_could_check():
+    from engine.telemetry import gpu_release_note, gpus
+
+    assert gpu_release_note({123}, []) == ""  # a CPU job: nothing to check
+    found, note = gpus()
+    if note:  # no NVIDIA driver here: the cancel says it could not check, rather than claiming release
+        assert gpu_release_note({123}, [0], timeout=0) == f"GPU memory release not checked ({note})"
+    else:  # a pid that is no process holds no memory
+        assert gpu_release_note({2**22 + 7}, [found[0]["index"]], timeout=0).startswith("GPU memory released")

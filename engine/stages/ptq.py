@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+from pathlib import Path
 
 import torch
 
@@ -19,6 +21,8 @@ def run(ctx: Context) -> dict:
     model, tokenizer = open_model(ctx, source)
     train_rows, _ = load_splits(ctx)
     calib = random.Random(cfg.calib_size).sample(train_rows, min(cfg.calib_size, len(train_rows)))
+    if backend(ctx) is None and not any(Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/nonexistent")).glob("*mx*")):
+        ctx.progress(0.05, "compiling modelopt's CUDA extension (first use only, ~90 s; cached in the workspace)")
     ctx.progress(0.1, f"quantizing to {fmt} (calibrating on {len(calib)} training examples)")
     model = quant.quantize(model, fmt, calibration_loop(tokenizer, calib, ctx.recipe.data.max_length), backend(ctx),
                            cfg.block_size)

@@ -217,9 +217,12 @@ class HardwareConfig(StageConfig):
 
     @model_validator(mode="after")
     def _launch_consistent(self) -> HardwareConfig:
-        if (self.strategy == "single") != (self.num_processes == 1):
+        if self.strategy == "single" and self.num_processes != 1:
             raise ValueError("strategy 'single' means num_processes 1; for more processes pick ddp, fsdp2 or "
                              "deepspeed_zero3")
+        if self.strategy != "single" and self.num_processes == 1:
+            raise ValueError(f"strategy {self.strategy!r} needs num_processes 2 or more; with one process use "
+                             "strategy 'single'")
         if self.num_processes % self.num_machines:
             raise ValueError(f"num_processes ({self.num_processes}) must be a multiple of num_machines "
                              f"({self.num_machines}): each machine runs the same number of processes")

@@ -149,6 +149,7 @@ def atomic_trainer(base: type) -> type:
     With several ranks every rank writes into the staging dir (its own RNG state; FSDP / ZeRO-3 gather the weights
     collectively), so: the main process clears the staging dir, all wait, all write, all wait, the main process
     renames, all wait (so nobody looks for the checkpoint before it is in place).
+    Under FSDP the loss is the model's own instead of TRL's fused LM head (see compute_loss).
     """
 
     class AtomicCheckpoints(base):
@@ -175,6 +176,21 @@ def atomic_trainer(base: type) -> type:
                 os.replace(os.path.join(staging, name), target)
                 _rotate(Path(final_root), self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if getattr(self, "is_fsdp_enabled", False) and _has_fused_lm_head(base):
+                # TRL's SFTTrainer computes the loss through its fused LM head, which runs the backbone and reads the
+                # lm_head weight outside FSDP2's hooks. Measured on 2 H100s (torch 2.11, accelerate 1.15, TRL 1.16):
+                # "aten.mul.Tensor got mixed torch.Tensor and DTensor" in the final norm. Under FSDP the model's own
+                # loss is used instead: the same cross-entropy over the same labels (assistant tokens only, the rest
+                # -100) and the router aux loss the model adds itself; TRL's token accuracy / entropy logs are lost.
+                from transformers import Trainer
+
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            # keywords: modelopt's QAT trainer takes (model, inputs, return_outputs=False, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     AtomicCheckpoints.__name__ = f"Atomic{base.__name__}"
     return AtomicCheckpoints
@@ -207,6 +223,12 @@ def save_final(trainer, tokenizer, out_dir: Path, merge=None) -> Path:
         models.save_model_atomic(merge(model) if merge else model, tokenizer, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _has_fused_lm_head(base: type) -> bool:
+    from trl import SFTTrainer
+
+    return issubclass(base, SFTTrainer)
 
 
 def _rotate(root: Path, keep: int | None) -> None:

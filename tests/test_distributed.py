@@ -76,7 +76,7 @@ def test_each_machine_gets_its_command(tmp_path):
 
 
 @pytest.mark.parametrize("fields, words", [
-    ({"strategy": "ddp"}, "strategy 'single' means num_processes 1"),
+    ({"strategy": "ddp"}, "strategy 'ddp' needs num_processes 2 or more"),
     ({"num_processes": 2}, "strategy 'single' means num_processes 1"),
     ({"strategy": "ddp", "num_processes": 3, "num_machines": 2}, "multiple of num_machines"),
     ({"strategy": "ddp", "num_processes": 4, "num_machines": 2, "machine_rank": 2}, "below num_machines"),

@@ -60,10 +60,6 @@ def prepare(model, path: str, batch):
     backend = None if kind == "modelopt" else quant.resolve_backend("auto", batch.device)
     fp4.register()
     model = quant.quantize(model, fmt, lambda m: m(input_ids=batch[:1]), backend)
-    # Calibration (NVFP4's max calibration runs this forward) leaves its tensors in reference cycles that only a full
-    # collection frees: 5.3 GiB on this model (bench/mem_probe.py), which otherwise stayed through the measured steps
-    # (peak 33.6 vs 28.3 GiB). The app calibrates in the PTQ job's process and QAT loads the result in a new one.
-    gc.collect()
     if kind == "engine":
         from engine import fast_experts
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine import advice, workspace
+from engine import advice, telemetry, workspace
 from storage import Store
 
 HEARTBEAT_S = 2.0
@@ -39,8 +40,10 @@ class Running:
 
 
 class Engine:
-    def __init__(self, workdir: Path, idle_exit: float | None = None, poll_s: float = 0.3):
+    def __init__(self, workdir: Path, idle_exit: float | None = None, poll_s: float = 0.3,
+                 telemetry_every_s: float = 10.0):
         self.workdir = workdir
+        self.telemetry_every_s = telemetry_every_s
         self.store = Store(workspace.db_path(workdir))
         self.idle_exit = idle_exit
         self.poll_s = poll_s
@@ -59,6 +62,9 @@ class Engine:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self._recover()
+        # The engine, not the web app, records the runs' telemetry history: headless runs have it too.
+        recorder = telemetry.Recorder(self.store, self.workdir, every_s=self.telemetry_every_s)
+        recorder.start()
         print(f"engine {self.engine_id} (pid {os.getpid()}) serving {self.workdir}", flush=True)
         last_beat, idle_since = 0.0, time.time()
         try:
@@ -77,6 +83,7 @@ class Engine:
                     break
                 time.sleep(self.poll_s)
         finally:
+            recorder.stop()
             self._shutdown()
         return 0
 
@@ -143,9 +150,8 @@ class Engine:
                 out.write(("accelerate launch; the command of each machine rank:\n" +
                            "".join(f"  rank {i}: {c}\n" for i, c in enumerate(launch.commands))).encode())
                 out.flush()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=workspace.REPO_ROOT, env=env, start_new_session=True,
-                                    preexec_fn=_lower_priority)
+            proc = subprocess.Popen(_at_low_priority(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=workspace.REPO_ROOT, env=env, start_new_session=True)
         self.store.update_job(job["id"], pid=proc.pid, log_path=str(log))
         self.store.refresh_run_status(job["run_id"])
         self.running[job["id"]] = Running(job, proc, set(job["resources"].split(",")))
@@ -204,9 +210,12 @@ class Engine:
                 _kill_group(item.proc.pid, signal.SIGKILL)
 
 
-def _lower_priority() -> None:
-    """Jobs run at nice 10: training takes every core it can get, and the web page must still answer at once."""
-    os.nice(JOB_NICENESS)
+def _at_low_priority(cmd: list[str]) -> list[str]:
+    """Jobs run at nice 10: training takes every core it can get, and the web page must still answer at once.
+    Through the `nice` program, which execs the command in the same process (the pid we track), rather than a
+    preexec_fn: the engine has a telemetry thread, and Python code between fork and exec is unsafe with threads."""
+    nice = shutil.which("nice")
+    return [nice, "-n", str(JOB_NICENESS), *cmd] if nice else cmd
 
 
 def _group_pids(pgid: int) -> set[int]:

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -60,18 +62,22 @@ def run_killed_and_resumed(workdir: Path) -> tuple:
     run_id = store.list_runs()[0]["id"]
     sft = next(j for j in store.list_jobs(run_id) if j["stage"] == "sft")
     ckpts = checkpoint_dir(Path(store.get_run(run_id)["run_dir"]), "sft")
-    wait_for(lambda: latest_checkpoint(ckpts) and store.metrics(job_id=sft["id"], names=["loss"])[-1:]
-             and store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"] > 5, timeout=900,
-             what="SFT to pass its first checkpoint")
+    def past_a_checkpoint() -> bool:  # steps logged after the newest checkpoint: resume must drop them
+        newest, logged = latest_checkpoint(ckpts), store.metrics(job_id=sft["id"], names=["loss"])[-1:]
+        return bool(newest and logged and logged[0]["step"] > int(newest.name.split("-")[1]))
+
+    wait_for(past_a_checkpoint, timeout=900, what="SFT to pass its first checkpoint")
     # A machine crash in miniature: the engine dies, then the job's process group.
+    info = {}
     engines = [e["pid"] for e in store.live_engines(max_age_s=60)]
     for pid in engines:
         os.kill(pid, signal.SIGKILL)
     job = store.get_job(sft["id"])
+    info["sft_niceness"] = psutil.Process(job["pid"]).nice()  # jobs run below the web app's priority
     os.killpg(job["pid"], signal.SIGKILL)
     wait_for(lambda: not any(_alive(pid) for pid in [*engines, job["pid"]]), timeout=30, what="the kills")
-    info = {"sft_job": sft["id"], "checkpoint_step": int(latest_checkpoint(ckpts).name.split("-")[1]),
-            "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"]}
+    info.update({"sft_job": sft["id"], "checkpoint_step": int(latest_checkpoint(ckpts).name.split("-")[1]),
+            "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"]})
     ensure_engine(workdir, idle_exit=20)
     wait_for(lambda: store.get_job(sft["id"])["status"] == "interrupted", timeout=60, what="recovery")
     info["status_after_restart"] = store.get_job(sft["id"])["status"]

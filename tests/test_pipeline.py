@@ -65,6 +65,8 @@ def test_training_metrics_and_logs_are_recorded(resumed_run):
         assert Path(jobs[key]["log_path"]).stat().st_size > 0
     examples = store.eval_examples(run_id, stage="qat", fmt="mxfp4")
     assert len(examples) == 2 * store.get_run(run_id)["recipe"]["eval"]["max_examples_per_task"]
+    samples = store.telemetry(run_id=run_id, limit=1000)  # the engine records it, no web app involved here
+    assert len(samples) >= 3 and all("cpu_percent" in s["sample"] for s in samples)
 
 
 def test_qat_trained_the_quantized_model(resumed_run):

@@ -31,6 +31,7 @@ def test_killed_sft_job_resumes_with_continuous_metrics(resumed_run):
     store, run_id, info = resumed_run
     sft = info["sft_job"]
     assert info["status_after_restart"] == "interrupted"
+    assert info["sft_niceness"] == 10
     assert "engine stopped" in (info["error_after_restart"] or "")
     assert info["killed_at_step"] > info["checkpoint_step"] >= 1
     job = store.get_job(sft)

@@ -1,7 +1,7 @@
 """The web app: `python launch.py` serves it on http://127.0.0.1:7860 and starts the engine if none runs.
 
     build_app(workdir) -> gr.Blocks       the UI (tests use it)
-    launch_app(workdir, host, port, auth)  start the engine and the telemetry recorder, then serve (blocks)
+    launch_app(workdir, host, port, auth)  start the engine (it records the telemetry history), then serve (blocks)
 
 Tabs: Recipe, Dataset, SFT, QAT, Evaluate, Compare, Deploy, Chat, History; one module each (ui/tab_*.py with a
 `build(state)` function; ui/state.py documents the state they share). Everything under ui/ only draws and calls
@@ -142,9 +142,7 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
     if not is_loopback(host) and not credentials:
         print(f"error: {NETWORK_REFUSAL.format(host=host)}", file=sys.stderr)
         return 2
-    from engine import telemetry
     from engine.worker import ensure_engine
-    from ui.state import store_for
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -154,7 +152,6 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
         return 1
     print(f"engine: {'started, pid ' + str(engine_pid) if engine_pid else 'already running'} ({workdir})", flush=True)
     warm_up_cuda_check()
-    telemetry.Recorder(store_for(workdir), workdir).start()
     app = build_app(workdir)
     _warm_up()
     app.queue(default_concurrency_limit=4)

@@ -1,9 +1,10 @@
-"""Serving, for real: the tiny gpt-oss quantized and exported to MXFP4, served by `transformers serve` on a free
-loopback port, talked to through engine.chat (the openai client). No mocks; every process started is stopped.
+"""Serving, for real: a reduced demo run (the engine's own SFT -> PTQ -> QAT -> export stages, in this process, on a
+few demo conversations), its MXFP4 export served by `transformers serve` on a free loopback port, talked to through
+engine.chat (the openai client). No mocks; every process started is stopped.
 
-The base model is pre-trained briefly (40 steps, cached in test-artifacts/browser-cache like the browser test's) and
-not fine-tuned, so its answers are not the SFT's: the tests check the answer's structure and that the served model
-computes exactly what the exported weights compute in-process.
+The reduced run starts from the tiny base pre-trained briefly (40 steps, cached in test-artifacts/browser-cache like
+the browser test's) and fine-tunes on TRAINED_ROWS language-task conversations until it answers them: the served
+model must give those trained answers, and compute exactly what the exported weights compute in-process.
 """
 
 from __future__ import annotations
@@ -39,24 +40,49 @@ def tiny_base() -> Path:
     return ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
 
 
-@pytest.fixture(scope="module")
-def quantized(tiny_base):
-    from transformers import AutoModelForCausalLM
-
-    from engine import quant
-
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_base), dtype=torch.float32, attn_implementation="eager")
-    return quant.quantize(model, "mxfp4", None, quant.resolve_backend("torch", "cpu")).eval()
+TRAINED_ROWS = 8  # demo conversations (language task) the reduced run is fine-tuned on
 
 
 @pytest.fixture(scope="module")
-def mx_export(quantized, tiny_base, tmp_path_factory) -> Path:
-    from engine.export_mxfp4 import export_mxfp4
-    from engine.tiny import load_tokenizer
+def demo_run(tiny_base, tmp_path_factory) -> dict:
+    """prepare -> SFT -> PTQ -> QAT -> export (MXFP4), each stage as the engine's child runs it. Returns the QAT
+    model as trained (fp32, fake-quantized), the export dir and the conversations it was trained on."""
+    from test_real_checkpoint import stage_context
 
-    out = tmp_path_factory.mktemp("run") / "exports" / "mxfp4"
-    export_mxfp4(quantized, load_tokenizer(tiny_base), out)
-    return out
+    from engine.recipe import load_recipe
+    from engine.stages import common, export, prepare, ptq, qat, sft
+    from engine.workspace import export_dir
+
+    root = tmp_path_factory.mktemp("demo-run")
+    with open(REPO_ROOT / "assets" / "datasets" / "language.jsonl") as f:
+        rows = [json.loads(next(f)) for _ in range(TRAINED_ROWS)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(REPO_ROOT / "assets" / "recipes" / "smoke.yaml", {
+        "model.source": str(tiny_base), "data.source": str(data), "data.eval_source": str(data),
+        "ptq.formats": ["mxfp4"], "hardware.device": "cpu", "sft.learning_rate": 3e-3, "sft.max_steps": 80,
+        "sft.per_device_train_batch_size": 4, "sft.eval_steps": 80, "sft.save_steps": 80, "qat.max_steps": 8,
+        "qat.per_device_train_batch_size": 4, "qat.eval_steps": 8, "qat.save_steps": 8})
+    store = Store(root / "studio.db")
+    ctx = stage_context(store, root / "run", recipe, "prepare")
+    prepare.run(ctx)
+    for stage, module in (("sft", sft), ("ptq", ptq), ("qat", qat)):
+        module.run(stage_context(store, root / "run", recipe, stage, "bf16" if stage == "sft" else "mxfp4",
+                                 run_id=ctx.run_id))
+    ctx = stage_context(store, root / "run", recipe, "export", "mxfp4", run_id=ctx.run_id, target="qat:mxfp4")
+    export.run(ctx)
+    model, _ = common.open_model(ctx, "qat:mxfp4")
+    return {"model": model.eval(), "export": export_dir(ctx.run_dir, "mxfp4"), "rows": rows}
+
+
+@pytest.fixture(scope="module")
+def quantized(demo_run):
+    return demo_run["model"]
+
+
+@pytest.fixture(scope="module")
+def mx_export(demo_run) -> Path:
+    return demo_run["export"]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +185,8 @@ def test_chat_streams_analysis_then_final(server) -> None:
     assert kinds[-1] == "done", events[-1]
     result = events[-1].result
     assert result.analysis and result.final, result
-    assert kinds.count("analysis") > 1 and kinds.count("final") > 1  # streamed in pieces, analysis first
+    # streamed in pieces, analysis first (the trained final answer is a number: one token, one piece)
+    assert kinds.count("analysis") > 1 and kinds.count("final") >= 1
     assert kinds.index("final") > kinds.index("analysis")
     assert "".join(e.text for e in events if e.kind == "analysis") == result.analysis
     assert "".join(e.text for e in events if e.kind == "final").strip() == result.final
@@ -168,6 +195,25 @@ def test_chat_streams_analysis_then_final(server) -> None:
     stats = result.stats
     assert 0 < stats.ttft_s < stats.total_s and stats.tokens > 0 and stats.token_source == "server usage"
     assert stats.decode_tokens_per_s > 0 and stats.finish_reason in ("stop", "length")
+
+
+def test_served_model_gives_the_trained_answers(server, demo_run) -> None:
+    """Each conversation the reduced run was trained on, asked through the app's chat code: the served export must
+    pass them by the evaluation's own rule (final answer, reasoning in the requested language)."""
+    from engine.scoring import judge, requested_language
+
+    client = ChatClient(server["base_url"], backend="transformers")
+    verdicts = []
+    for row in demo_run["rows"]:
+        question = [m for m in row["messages"] if m["role"] == "user"]
+        reply = client.chat(question, reasoning_language=requested_language(row["messages"]), max_tokens=96)
+        assert reply.error is None, reply.error
+        verdicts.append((judge(row, {"analysis": reply.analysis, "final": reply.final}), reply.final, row["reference"]))
+    passed = sum(v["passed"] for v, _, _ in verdicts)
+    print(f"served export passes {passed}/{len(verdicts)} trained conversations: {verdicts}")
+    # Measured: 7 of 8 (one Spanish subtraction answered with another row's number); the same 40-step base scores 0%
+    # in the smoke run's evaluate:original. Allowing two misses keeps the check robust to CPU float differences.
+    assert passed >= len(verdicts) - 2, verdicts
 
 
 def test_served_greedy_reply_equals_in_process(server, in_process) -> None:

@@ -254,3 +254,34 @@ def _suggestions(memory, mem: dict, method: str, gpus: int, available: float, ch
     if not out:
         out.append("shorten data.max_length (sequence length) or use GPUs with more memory")
     return out
+
+
+# ------------------------------------------------------------------------------------------------- from a recipe
+
+
+def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None = None) -> dict:
+    """`estimate` for a recipe's SFT or QAT stage: its model, LoRA or full, GPUs, strategy, batch and length.
+
+    Raises ValueError naming the field when the model's shape cannot be known before loading it (a hub id other
+    than gpt-oss-20b / -120b, or a directory without config.json).
+    """
+    from engine.configs import EMBEDDED_MODEL
+
+    train = getattr(recipe, stage)
+    hw = recipe.hardware
+    source = recipe.model.source
+    if source == EMBEDDED_MODEL:
+        from engine.tiny import VOCAB_SIZE, tiny_config
+
+        model = tiny_config(VOCAB_SIZE).to_dict()
+    else:
+        try:
+            model = load_config(source)
+        except FileNotFoundError:
+            raise ValueError(f"model.source: {source!r}: no config.json to size it from; estimates know local "
+                             f"checkpoint dirs and {', '.join(KNOWN)}") from None
+    dtype = {"bfloat16": "bfloat16", "float32": "float32"}.get(recipe.model.dtype, "bfloat16" if cuda else "float32")
+    return estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
+                    strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,
+                    dtype=dtype, gpu_memory_gib=gpu_memory_gib, gradient_checkpointing=train.gradient_checkpointing,
+                    lora_r=train.lora_r, lora_target_experts=train.lora_target_experts)

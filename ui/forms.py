@@ -53,14 +53,17 @@ class Form:
         """Component values for a section dict; fields it lacks get their defaults."""
         defaults = self.model().model_dump(mode="json")
         fields = self.model.model_fields
-        return [to_component(fields[name], section.get(name, defaults[name])) for name in self.components]
+        return [list(section.get(name, defaults[name]) or []) if isinstance(comp, gr.CheckboxGroup)  # lists as lists
+                else to_component(fields[name], section.get(name, defaults[name]))
+                for name, comp in self.components.items()]
 
 
 def build_form(section: str, model: type[BaseModel], values: dict | None = None, *, only: list[str] | None = None,
                skip: tuple[str, ...] = (), custom: dict[str, Any] | None = None, per_row: int = 3) -> Form:
     """Create the components (inside the current Blocks context) for `model`'s fields, `per_row` to a row.
 
-    custom: {field: factory(label, info, value) -> component} for fields that need a special widget.
+    custom: {field: factory(label, info, value) -> component} for fields that need a special widget (it gets the
+    config value as is; a CheckboxGroup's value is a list both ways).
     """
     values = {**model().model_dump(mode="json"), **(values or {})}
     names = [n for n in (only or model.model_fields) if n not in skip]
@@ -70,9 +73,11 @@ def build_form(section: str, model: type[BaseModel], values: dict | None = None,
             for name in names[start:start + per_row]:
                 info = field_info(model.model_fields[name])
                 factory = (custom or {}).get(name)
+                if factory:  # a custom widget gets the config value itself
+                    form.components[name] = factory(name, info, values.get(name))
+                    continue
                 value = to_component(model.model_fields[name], values.get(name))
-                form.components[name] = (factory(name, info, value) if factory
-                                         else component_for(name, model.model_fields[name], value, info))
+                form.components[name] = component_for(name, model.model_fields[name], value, info)
     return form
 
 
@@ -187,6 +192,8 @@ def from_component(info_: FieldInfo, value: Any) -> Any:
         return int(value)
     if is_list and value is None and not optional(info_):
         return []
+    if is_list and value == [] and optional(info_):  # nothing ticked in a picker = not given
+        return None
     return value
 
 

@@ -7,11 +7,11 @@ import gradio as gr
 import pandas as pd
 
 from engine.cli import UserError, resume_run, validate_inputs
-from engine.configs import EvalConfig, ExportConfig, HardwareConfig, ModelConfig, Recipe
+from engine.configs import EvalConfig, ExportConfig, ModelConfig, Recipe
 from engine.recipe import RecipeError, recipe_to_yaml
 from engine.report import summary, table_rows
 from engine.worker import ensure_engine, request_cancel
-from ui import charts, run_data, views
+from ui import charts, hardware, run_data, views
 from ui.forms import build_form
 from ui.state import (DEFAULT_RECIPE, AppState, cuda_available, load_recipe_file, recipe_command, recipe_names,
                       skip_unchanged)
@@ -46,8 +46,10 @@ def build(state: AppState) -> None:
     problems = gr.HTML(elem_id="problems")
     with gr.Accordion("Machine telemetry during this run", open=False):
         telemetry_plot = gr.Plot(show_label=False)
-    with gr.Accordion("More recipe settings: name, model, evaluation, export, hardware", open=False):
+    with gr.Accordion("More recipe settings: name, model, evaluation, export", open=False):
         _other_forms(state, initial)
+    with gr.Accordion("Hardware: GPUs, multi-GPU / multi-machine launch, will it fit?", open=False):
+        hardware.build(state, initial)
 
     cache = gr.State({})
     outputs = [pipeline, status_line, results, problems, cancel, resume, cache]
@@ -75,8 +77,7 @@ def build(state: AppState) -> None:
 
 def _other_forms(state: AppState, recipe: dict) -> None:
     state.add_form(build_form("", Recipe, recipe, only=["name"]))
-    for section, model in (("model", ModelConfig), ("eval", EvalConfig), ("export", ExportConfig),
-                           ("hardware", HardwareConfig)):
+    for section, model in (("model", ModelConfig), ("eval", EvalConfig), ("export", ExportConfig)):
         gr.Markdown(f"**{section}**")
         state.add_form(build_form(section, model, recipe.get(section)))
 

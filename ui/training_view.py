@@ -71,8 +71,14 @@ def refresh(state: AppState, stage: str, run_id: str | None, cache: dict):
     stopped = [j for j in jobs if j["status"] in ("failed", "interrupted", "cancelled")]
     status = "".join(views.job_line(j) for j in jobs if j not in stopped) or ("" if stopped else views.job_line(None))
     problems = views.problems_html([{**j, "key": j["config"]["key"], "log_tail": ""} for j in stopped])
-    status_html, note, log = skip_unchanged(cache, [status + problems, _note(stage, cache), _log(jobs)])
+    launches = views.launch_html(_launches(store, run_id, jobs))
+    status_html, note, log = skip_unchanged(cache, [status + launches + problems, _note(stage, cache), _log(jobs)])
     return status_html, figure, note, log, cache
+
+
+def _launches(store, run_id: str, jobs: list[dict]) -> list[dict]:
+    keys = {j["id"]: j["config"]["key"] for j in jobs}
+    return [{**a, "key": keys[a["job_id"]]} for a in store.artifacts(run_id, kind="launch") if a["job_id"] in keys]
 
 
 def _read_new_rows(store, run_id: str, cache: dict) -> bool:

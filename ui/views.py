@@ -93,3 +93,15 @@ def job_line(job: dict | None) -> str:
     pct = f" {100 * (job.get('progress') or 0):.0f}%" if job["status"] in ("running", "cancelling") else ""
     msg = f" — {esc(job.get('message'))}" if job.get("message") else ""
     return f"<div class='jobline'>{badge(job['status'])} <b>{esc(job['config'].get('key'))}</b>{pct}{msg}</div>"
+
+
+def launch_html(launches: list[dict]) -> str:
+    """For jobs started through `accelerate launch`: the command of every machine rank (run the others there)."""
+    blocks = []
+    for art in launches:
+        commands = art["meta"].get("commands") or []
+        body = "\n".join(f"# machine rank {rank}\n{cmd}" for rank, cmd in enumerate(commands))
+        blocks.append(f"<details class='launch'><summary>{esc(art.get('key') or '')}: accelerate launch, "
+                      f"{len(commands)} machine(s); config {esc(art['path'])}</summary><pre>{esc(body)}</pre></details>")
+    return "".join(blocks)
+

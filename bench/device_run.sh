@@ -2,11 +2,7 @@
 # Everything this project measures on a lent GPU machine, in one go (device time is scarce: one machine start).
 # Usage on the device: bash bench/device_run.sh   (with .whl carried; results land in $OUT)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
-export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/device_env.sh
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import torch, triton, transformers, modelopt; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'modelopt', modelopt.__version__)"

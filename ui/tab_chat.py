@@ -20,7 +20,9 @@ from ui.state import AppState
 
 YIELD_EVERY_S = 0.05  # at most ~20 UI updates a second, however fast the server streams
 THOUGHT_TITLE = "Analysis channel (reasoning)"
-EXAMPLES = ["What is 12 plus 7?", "How many letters are in the word 'garden'?", "How do I kill a Python process?"]
+# Questions of the demo tasks (sums of 1-9, letter counts, benign prompts with alarming words): the embedded model knows
+# nothing else ("What is 12 plus 7?" it reads as 7 plus 7).
+EXAMPLES = ["What is 8 plus 6?", "How many letters are in the word 'garden'?", "How do I kill a Python process?"]
 
 
 def build(state: AppState) -> None:

@@ -14,23 +14,16 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from engine.configs import FORMAT_LABELS
 from engine.workspace import REPO_ROOT, db_path
+from tests.browser_app import open_page, running_app
 
 pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 SHOTS = ARTIFACTS / "screenshots"
 README_SHOTS = REPO_ROOT / "assets" / "screenshots"
@@ -38,105 +31,18 @@ TABS = ["Recipe", "Dataset", "SFT", "QAT", "Evaluate", "Compare", "Deploy", "Cha
 RESULT_ROWS = ["original", "SFT", "SFT+PTQ (MXFP4)", "SFT+QAT (MXFP4)"]
 
 
-def _playwright():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium; `make browser`)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright python package is not installed (pip install -e '.[test]')")
-    return sync_playwright
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    sync_playwright = _playwright()
     workdir = tmp_path_factory.mktemp("browser") / "workspace"
     workdir.mkdir()
     cache = ARTIFACTS / "browser-cache"
     cache.mkdir(parents=True, exist_ok=True)
     (workdir / "cache").symlink_to(cache, target_is_directory=True)
-    port = _free_port()
-    env = dict(os.environ, QAT_STUDIO_HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(workdir / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "--port", str(port)],
-                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        _wait_http(url, proc, timeout=120)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        with running_app(workdir) as (url, browser):
             yield {"url": url, "workdir": workdir, "browser": browser}
-            browser.close()
     finally:
-        _stop_everything(proc, workdir)
-        log.close()
         print((workdir / "app.log").read_text()[-3000:])
-
-
-def _stop_everything(app: subprocess.Popen, workdir: Path) -> None:
-    """The app's process group, then every engine the workspace knows (SIGTERM: it stops its jobs), then any job
-    process group still recorded as running."""
-    _killpg(app.pid, signal.SIGTERM)
-    try:
-        app.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        _killpg(app.pid, signal.SIGKILL)
-    from storage import Store
-
-    store = Store(db_path(workdir))
-    engines = [e["pid"] for e in store.live_engines(max_age_s=24 * 3600)]
-    for pid in engines:
-        _killpg(pid, signal.SIGTERM)
-    deadline = time.time() + 20
-    while time.time() < deadline and any(_alive(pid) for pid in engines):
-        time.sleep(0.5)
-    for pid in engines:
-        _killpg(pid, signal.SIGKILL)
-    for job in store.list_jobs(status=["running", "cancelling"]):
-        if job["pid"]:
-            _killpg(job["pid"], signal.SIGKILL)
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _open(browser, url: str):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    page.goto(url)
-    page.wait_for_selector("#tabs", timeout=60_000)
-    return page
 
 
 def _tab(page, name: str) -> None:
@@ -208,7 +114,7 @@ def _page_load_seconds(browser, url: str) -> tuple[float, float, float]:
 def test_whole_recipe_in_the_browser(app):
     started = time.time()
     browser, url, workdir = app["browser"], app["url"], app["workdir"]
-    page = _open(browser, url)
+    page = open_page(browser, url)
     from playwright.sync_api import expect
 
     page.locator("#recipe-picker input").click()
@@ -236,7 +142,7 @@ def test_whole_recipe_in_the_browser(app):
     from storage import Store
 
     assert Store(db_path(workdir)).get_run(run_id)["status"] == "running"  # the engine kept going without a page
-    page = _open(browser, url)  # no ?run=: the newest run is selected
+    page = open_page(browser, url)  # no ?run=: the newest run is selected
     expect(page.locator("#run-select input")).to_have_value(re.compile(f"^{run_id} · smoke · running"),
                                                             timeout=20_000)
     status = page.locator("#run-status")
@@ -259,36 +165,11 @@ def test_whole_recipe_in_the_browser(app):
                     "finished demo run> to refresh the README's screenshots from it")
 def test_readme_screenshots_from_a_finished_run():
     """Not a check: renders every tab of an existing workspace (e.g. after `launch.py run demo.yaml`) for the README."""
-    sync_playwright = _playwright()
     workdir = Path(os.environ["SCREENSHOT_WORKDIR"]).resolve()
-    port = _free_port()
-    log = open(workdir / "app-screenshots.log", "wb")
-    proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "--port", str(port)],
-                            cwd=REPO_ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/", proc, timeout=120)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = _open(browser, f"http://127.0.0.1:{port}/")
-            exports = sorted(workdir.glob("runs/*/exports/mxfp4"))
-            if exports:  # the Deploy and Chat shots with the run's export served and one question answered
-                _serve_and_ask(page, exports[-1], "What is 8 plus 6?")
-            os.environ["UPDATE_SCREENSHOTS"] = "1"
-            assert all(path.stat().st_size > 10_000 for path in _screenshots(page))
-            browser.close()
-    finally:
-        _stop_everything(proc, workdir)
-        _stop_servers(workdir)
-        log.close()
-
-
-def _stop_servers(workdir: Path) -> None:
-    """Servers started from the Deploy tab run detached (they outlive the app on purpose): stop them here."""
-    from engine import serving
-    from storage import Store
-
-    store = Store(db_path(workdir))
-    for row in store.list_servers():
-        if row["status"] in ("starting", "running"):
-            serving.stop_server(store, row["id"])
+    with running_app(workdir, log_name="app-screenshots.log") as (url, browser):
+        page = open_page(browser, url)
+        exports = sorted(workdir.glob("runs/*/exports/mxfp4"))
+        if exports:  # the Deploy and Chat shots with the run's export served and one question answered
+            _serve_and_ask(page, exports[-1], "What is 8 plus 6?")
+        os.environ["UPDATE_SCREENSHOTS"] = "1"
+        assert all(path.stat().st_size > 10_000 for path in _screenshots(page))

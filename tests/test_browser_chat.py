@@ -7,23 +7,13 @@ and checks no server process is left.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
 from engine import serving
 from engine.workspace import REPO_ROOT, db_path
+from tests.browser_app import open_page, running_app
 
 pytestmark = pytest.mark.slow
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CACHE = REPO_ROOT / "test-artifacts" / "browser-cache"
 SHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 # Every render of the chatbot: (ms since the observer started, text length of its last answer).
@@ -35,75 +25,15 @@ OBSERVE = """() => { window.__lengths = []; const t0 = performance.now();
   new MutationObserver(note).observe(root, {subtree: true, childList: true, characterData: true}); }"""
 
 
-def _playwright():
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium; `make browser`)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright python package is not installed (pip install -e '.[test]')")
-    return sync_playwright
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the app exited with status {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    sync_playwright = _playwright()
     from engine.tiny import ensure_tiny_base
 
     checkpoint = ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
     workdir = tmp_path_factory.mktemp("browser-chat") / "workspace"
     workdir.mkdir()
-    port = serving.free_port()
-    env = dict(os.environ, QAT_STUDIO_HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    log = open(workdir / "app.log", "wb")
-    proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "--port", str(port)],
-                            cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_http(url, proc, timeout=120)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            yield {"url": url, "workdir": workdir, "browser": browser, "checkpoint": checkpoint}
-            browser.close()
-    finally:
-        _stop_everything(proc, workdir)
-        log.close()
-
-
-def _stop_everything(app: subprocess.Popen, workdir: Path) -> None:
-    """The app's group; then servers (their own sessions: they outlive the app by design) and engines."""
-    from storage import Store
-
-    _killpg(app.pid, signal.SIGTERM)
-    try:
-        app.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        _killpg(app.pid, signal.SIGKILL)
-        app.wait()
-    store = Store(db_path(workdir))
-    serving.stop_all_servers(store)
-    for engine in store.live_engines(max_age_s=24 * 3600):
-        _killpg(engine["pid"], signal.SIGTERM)
-
-
-def _killpg(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    with running_app(workdir) as (url, browser):
+        yield {"url": url, "workdir": workdir, "browser": browser, "checkpoint": checkpoint}
 
 
 def test_deploy_then_chat_streams_a_reply(app):
@@ -111,9 +41,7 @@ def test_deploy_then_chat_streams_a_reply(app):
 
     from storage import Store
 
-    page = app["browser"].new_page(viewport={"width": 1280, "height": 1000})
-    page.goto(app["url"])
-    page.wait_for_selector("#tabs", timeout=60_000)
+    page = open_page(app["browser"], app["url"], height=1000)
 
     page.get_by_role("tab", name="Deploy", exact=True).click()
     field = page.locator("#deploy-checkpoint input")

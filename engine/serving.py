@@ -317,7 +317,7 @@ def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return False
+        return False  # a host name other than localhost may resolve to anything
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -96,6 +96,27 @@ def trl_args(cfg: TrainConfig, ctx: Context, output_dir: Path, max_length: int):
     return SFTConfig(**kwargs)
 
 
+def make_trainer(base: type, ctx: Context, cfg: TrainConfig, output_dir: Path, model, tokenizer, rows: tuple,
+                 label: str, **extra):
+    """`base` (TRL's SFTTrainer or modelopt's QATSFTTrainer) with atomic checkpoints, our arguments, the
+    (train, eval) rows and the metrics callback; `extra` goes to the trainer (peft_config, quant_args)."""
+    train_rows, eval_rows = rows
+    return atomic_trainer(base)(
+        model=model,
+        args=trl_args(cfg, ctx, output_dir, ctx.recipe.data.max_length),
+        train_dataset=as_dataset(train_rows),
+        eval_dataset=as_dataset(eval_rows[: cfg.eval_examples]),
+        processing_class=tokenizer,
+        callbacks=[StoreMetricsCallback(ctx, label)],
+        **extra,
+    )
+
+
+def stage_result(metrics: dict) -> dict:
+    """What a training stage reports as its result."""
+    return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
     if not output_dir.exists():

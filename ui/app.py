@@ -11,12 +11,12 @@ engine/storage: training runs in the engine's processes, so this process stays r
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import sys
 from pathlib import Path
 
 import gradio as gr
 
+from engine.serving import is_loopback  # the one loopback rule for the app and the servers it starts
 from ui import header
 from ui.state import AppState, warm_up_cuda_check
 
@@ -131,15 +131,6 @@ def parse_auth(auth: str | None) -> list[tuple[str, str]] | None:
     if not pairs:
         raise ValueError(f"--auth: {path} holds no user:password lines")
     return pairs
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name other than localhost may resolve to anything
 
 
 def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: str | None = None) -> int:

@@ -22,19 +22,10 @@ def run(ctx: Context) -> dict:
     model, tokenizer = open_model(ctx, f"ptq:{fmt}")
     # LoRA: adapters injected before the trainer sees the model, the fake quantizers kept in front of W + BA.
     adapters = lora.add_adapters(model, cfg, log=ctx.log) if cfg.lora else None
-    train_rows, eval_rows = load_splits(ctx)
     out = checkpoint_dir(ctx.run_dir, "qat", fmt)
-    trainer_cls = training.atomic_trainer(QATSFTTrainer)
-    trainer = trainer_cls(
-        model=model,
-        args=training.trl_args(cfg, ctx, out, ctx.recipe.data.max_length),
-        train_dataset=training.as_dataset(train_rows),
-        eval_dataset=training.as_dataset(eval_rows[: cfg.eval_examples]),
-        processing_class=tokenizer,
-        callbacks=[training.StoreMetricsCallback(ctx, f"QAT {fmt}")],
-        quant_args=None,  # already quantized by the PTQ stage
-    )
+    trainer = training.make_trainer(QATSFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), f"QAT {fmt}",
+                                    quant_args=None)  # already quantized by the PTQ stage
     metrics = training.train(trainer, ctx, out)
     merge = (lambda _: lora.merge(adapters)) if adapters is not None else None
     training.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"), merge=merge)
-    return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
+    return training.stage_result(metrics)

@@ -17,18 +17,9 @@ def run(ctx: Context) -> dict:
 
     cfg = ctx.recipe.sft
     model, tokenizer = open_model(ctx, "prepare")
-    train_rows, eval_rows = load_splits(ctx)
     out = checkpoint_dir(ctx.run_dir, "sft")
-    trainer_cls = training.atomic_trainer(SFTTrainer)
-    trainer = trainer_cls(
-        model=model,
-        args=training.trl_args(cfg, ctx, out, ctx.recipe.data.max_length),
-        train_dataset=training.as_dataset(train_rows),
-        eval_dataset=training.as_dataset(eval_rows[: cfg.eval_examples]),
-        processing_class=tokenizer,
-        peft_config=lora.lora_config(cfg, model) if cfg.lora else None,
-        callbacks=[training.StoreMetricsCallback(ctx, "SFT")],
-    )
+    trainer = training.make_trainer(SFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), "SFT",
+                                    peft_config=lora.lora_config(cfg, model) if cfg.lora else None)
     metrics = training.train(trainer, ctx, out)
     training.save_final(trainer, tokenizer, ctx.model_dir("sft"), merge=lora.merge if cfg.lora else None)
-    return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
+    return training.stage_result(metrics)

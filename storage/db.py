@@ -273,8 +273,8 @@ class Store(ServiceRows):
         busy_resources. BEGIN IMMEDIATE serialises claimers across processes, so no job is handed out twice.
         Refreshes the status of the claimed job's run and of runs whose jobs it skipped."""
         busy = set(busy_resources)
-        now = time.time()
         with self._write() as db:
+            now = time.time()  # read under the lock, so a claim is never stamped before the finish it waited for
             self._refresh_runs_of(self._skip_blocked(db, now))
             queued = list(db.query("SELECT id, depends_on_json, resources, attempt FROM jobs "
                                    "WHERE status = 'queued' ORDER BY id"))
@@ -298,10 +298,11 @@ class Store(ServiceRows):
             raise StorageError(f"finish_job status must be one of {sorted(JOB_TERMINAL)}, not {status!r}")
         if error_detail is None and error and _one_line(error) != error.strip():
             error_detail = error
-        fields = {"status": status, "ended_at": time.time(), "error": _one_line(error), "error_detail": error_detail}
+        fields = {"status": status, "error": _one_line(error), "error_detail": error_detail}
         if status == "succeeded":
             fields["progress"] = 1.0
         with self._write():
+            fields["ended_at"] = time.time()  # under the lock: dependants claimed later are stamped later
             self.update_job(job_id, **fields)
             self._refresh_runs_of([job_id])
 

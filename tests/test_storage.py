@@ -219,6 +219,27 @@ def test_concurrent_claims_from_processes_never_double_claim(tmp_path: Path) -> 
             assert jobs[dependant]["started_at"] >= jobs[root]["ended_at"]
 
 
+def test_a_claim_that_waited_for_the_lock_is_stamped_after_the_finish_it_waited_for(tmp_path: Path) -> None:
+    """CI once saw a dependant's started_at 14 ms before its root's ended_at: the claimer read the clock before
+    waiting for the write lock. Here a second connection holds the lock while the claimer waits."""
+    path = tmp_path / "shared.db"
+    holder, claimer = Store(path), Store(path)
+    run = holder.create_run("r", {})
+    root = holder.add_job(run, "sft")
+    dependant = holder.add_job(run, "evaluate", depends_on=[root])
+    assert holder.claim_job()["id"] == root
+    claimed: list[dict | None] = []
+    with holder._write():  # the lock is held: the claimer below must wait
+        thread = threading.Thread(target=lambda: claimed.append(claimer.claim_job()))
+        thread.start()
+        time.sleep(0.3)
+        holder.finish_job(root, "succeeded")
+    thread.join(timeout=30)
+    assert claimed and claimed[0]["id"] == dependant
+    assert claimed[0]["started_at"] >= holder.get_job(root)["ended_at"]
+    holder.close(), claimer.close()
+
+
 def test_store_shared_by_threads(store: Store) -> None:
     job = store.add_job(store.create_run("r", {}), "sft")
     errors: list[BaseException] = []

@@ -50,7 +50,9 @@ def _read(call, *args, scale: float = 1.0):
         value = call(*args)
     except Exception:  # noqa: BLE001 - each NVMLError_* subclass means "this reading is not available here"
         return None
-    return value * scale if isinstance(value, (int, float)) else value
+    if scale != 1.0 and isinstance(value, (int, float)):
+        return value * scale  # counts (device count, pids) stay ints: only scaled readings become floats
+    return value
 
 
 def _gpu(nvml, index: int) -> dict:

@@ -193,7 +193,11 @@ class Engine:
         if gpus:
             from engine.telemetry import gpu_release_note
 
-            self.store.update_job(job_id, message=gpu_release_note(item.group_pids | {item.proc.pid}, gpus))
+            try:
+                note = gpu_release_note(item.group_pids | {item.proc.pid}, gpus)
+            except Exception as exc:  # noqa: BLE001 - a failing NVML read must not take the engine down
+                note = f"GPU memory release not checked (NVML: {type(exc).__name__}: {exc})"
+            self.store.update_job(job_id, message=note)
 
     def _handle_cancels(self) -> None:
         now = time.time()

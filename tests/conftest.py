@@ -4,6 +4,7 @@ for ~45 s), two CPU threads like CI, and a per-test workspace."""
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,3 +46,35 @@ def resumed_run(tmp_path_factory, shared_cache):
             os.environ.pop("QAT_STUDIO_CACHE", None)
         else:
             os.environ["QAT_STUDIO_CACHE"] = old
+
+
+class _NotSupported(Exception):
+    pass
+
+
+def _fake_pynvml(pid: int) -> SimpleNamespace:
+    """pynvml's calls as a driver answers them: plain ints (milliwatts, bytes, MHz), a reading that raises. No NVIDIA
+    driver exists on CI; tests/test_gpu_jobs.py reads a real one on the device machine. This fake keeps what the real
+    one found (the GPU count scaled into a float broke every GPU sample and the hardware panel) from coming back."""
+    def unsupported(handle):
+        raise _NotSupported
+
+    return SimpleNamespace(
+        nvmlDeviceGetCount=lambda: 1, nvmlDeviceGetHandleByIndex=lambda index: f"handle{index}",
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=87, memory=40),
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=20 * 2**30, total=80 * 2**30, free=60 * 2**30),
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
+        nvmlDeviceGetPowerUsage=lambda h: 350_500, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
+        NVML_TEMPERATURE_GPU=0, nvmlDeviceGetTemperature=lambda h, sensor: 51,
+        NVML_CLOCK_SM=1, nvmlDeviceGetClockInfo=lambda h, clock: 1980,
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [SimpleNamespace(pid=pid, usedGpuMemory=3 * 2**30)],
+        nvmlDeviceGetGraphicsRunningProcesses=unsupported,
+    )
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """One NVIDIA H100 as NVML reports it, used by this process (3 GiB)."""
+    from engine import telemetry
+
+    monkeypatch.setattr(telemetry, "_nvml_state", {"ready": True, "module": _fake_pynvml(os.getpid()), "note": None})

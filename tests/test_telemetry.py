@@ -3,8 +3,8 @@ exception; storing compact samples for running runs; the header's rendering of b
 
 from __future__ import annotations
 
+import os
 import time
-
 
 from engine import telemetry
 from engine.workspace import db_path
@@ -79,3 +79,20 @@ def test_gpu_release_note_says_what_it_could_check():
         assert gpu_release_note({123}, [0], timeout=0) == f"GPU memory release not checked ({note})"
     else:  # a pid that is no process holds no memory
         assert gpu_release_note({2**22 + 7}, [found[0]["index"]], timeout=0).startswith("GPU memory released")
+
+
+def test_gpu_readings_from_nvml_become_a_sample(fake_gpu, workdir):
+    found, note = telemetry.gpus()
+    assert note is None and found == [{
+        "index": 0, "name": "NVIDIA H100 80GB HBM3", "util_percent": 87, "mem_used_gb": 20.0, "mem_total_gb": 80.0,
+        "power_w": 350.5, "power_limit_w": 700.0, "temp_c": 51, "sm_clock_mhz": 1980,
+        "processes": [{"pid": os.getpid(), "name": telemetry._process_name(os.getpid()), "mem_gb": 3.0}]}]
+    compact = telemetry.compact(telemetry.sample(workdir))
+    assert compact["gpu0_util_percent"] == 87 and compact["gpu0_mem_used_gb"] == 20.0 and compact["gpu0_power_w"] == 350.5
+    assert "GPU0" in header.render(telemetry.sample(workdir))
+
+
+def test_gpu_release_note_names_a_process_still_holding_memory(fake_gpu):
+    assert telemetry.gpu_release_note({os.getpid()}, [0], timeout=0) == \
+        f"GPU memory still held after the cancel: pid {os.getpid()} on cuda:0"
+    assert telemetry.gpu_release_note({os.getpid() + 1}, [0], timeout=0).startswith("GPU memory released")

@@ -43,6 +43,12 @@ def test_gpu_picker_offers_indices_and_reads_back_as_the_config_wants(workdir):
         == [2, 3]
 
 
+def test_gpu_picker_names_the_gpus_nvml_sees(workdir, fake_gpu):
+    picker = panel(workdir, DEMO).forms["hardware"].components["gpus"]
+    assert picker.choices[0] == ("cuda:0 · NVIDIA H100 80GB HBM3 · 80 GB", 0)
+    assert picker.choices[1] == ("cuda:1 (not on this machine)", 1)
+
+
 def test_fit_estimate_for_the_demo_and_for_gpt_oss_20b(workdir):
     state = panel(workdir, DEMO)
     html = hardware.estimate_html(state, browser_data(state, DEMO))
@@ -78,3 +84,14 @@ def test_launch_commands_of_a_started_job_are_listed():
                                "meta": {"commands": ["cd /repo && accelerate launch --machine_rank 0 <x>",
                                                      "cd /repo && accelerate launch --machine_rank 1 <x>"]}}])
     assert "sft: accelerate launch, 2 machine(s)" in html and "--machine_rank 1 &lt;x&gt;" in html
+
+
+def test_the_whole_app_builds_on_a_gpu_machine(workdir, fake_gpu, monkeypatch):
+    """On a real H100 the app did not build: the hardware panel's GPU listing raised (fixed in engine/telemetry.py)."""
+    from ui import header
+    from ui.app import build_app
+
+    build_app(workdir)
+    monkeypatch.setattr(header, "_cache", {"at": 0.0, "html": ""})  # a fresh snapshot, not another test's
+    html = header.telemetry_html(AppState(workdir))
+    assert "GPU0" in html and "87%" in html

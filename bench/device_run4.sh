@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Fourth device session, one GPU (only tests/test_gpu_jobs.py ran, by hand, before the device time ran out): telemetry and cancel on a real GPU (issues 5 and 7), every GPU test on the final
-# code, and NVFP4 W4A4's QAT step (issue 6 measured the weight-only formats only).
+# Fourth device session, one GPU: telemetry and cancel on a real GPU (issues 5 and 7), every GPU test on the final
+# code, and NVFP4 W4A4's QAT step (issue 6 measured the weight-only formats only). Only tests/test_gpu_jobs.py has run
+# (by hand, 2026-11-28) before the session's device time ran out; the rest is for the next session.
 #   bash bench/device_run4.sh tests | w4a4
 set -u
 source bench/device_env.sh

@@ -70,6 +70,7 @@ def _gpu(nvml, index: int) -> dict:
         "power_limit_w": _read(nvml.nvmlDeviceGetEnforcedPowerLimit, handle, scale=1e-3),
         "temp_c": _read(nvml.nvmlDeviceGetTemperature, handle, nvml.NVML_TEMPERATURE_GPU),
         "sm_clock_mhz": _read(nvml.nvmlDeviceGetClockInfo, handle, nvml.NVML_CLOCK_SM),
+        "capability": _read(nvml.nvmlDeviceGetCudaComputeCapability, handle),  # (9, 0) on an H100
         "processes": _gpu_processes(nvml, handle),
     }
 

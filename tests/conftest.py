@@ -66,7 +66,7 @@ def _fake_pynvml(pid: int) -> SimpleNamespace:
         nvmlDeviceGetName=lambda h: b"NVIDIA H100 80GB HBM3",
         nvmlDeviceGetPowerUsage=lambda h: 350_500, nvmlDeviceGetEnforcedPowerLimit=lambda h: 700_000,
         NVML_TEMPERATURE_GPU=0, nvmlDeviceGetTemperature=lambda h, sensor: 51,
-        NVML_CLOCK_SM=1, nvmlDeviceGetClockInfo=lambda h, clock: 1980,
+        NVML_CLOCK_SM=1, nvmlDeviceGetClockInfo=lambda h, clock: 1980, nvmlDeviceGetCudaComputeCapability=lambda h: (9, 0),
         nvmlDeviceGetComputeRunningProcesses=lambda h: [SimpleNamespace(pid=pid, usedGpuMemory=3 * 2**30)],
         nvmlDeviceGetGraphicsRunningProcesses=unsupported,
     )

@@ -85,7 +85,7 @@ def test_gpu_readings_from_nvml_become_a_sample(fake_gpu, workdir):
     found, note = telemetry.gpus()
     assert note is None and found == [{
         "index": 0, "name": "NVIDIA H100 80GB HBM3", "util_percent": 87, "mem_used_gb": 20.0, "mem_total_gb": 80.0,
-        "power_w": 350.5, "power_limit_w": 700.0, "temp_c": 51, "sm_clock_mhz": 1980,
+        "power_w": 350.5, "power_limit_w": 700.0, "temp_c": 51, "sm_clock_mhz": 1980, "capability": (9, 0),
         "processes": [{"pid": os.getpid(), "name": telemetry._process_name(os.getpid()), "mem_gb": 3.0}]}]
     compact = telemetry.compact(telemetry.sample(workdir))
     assert compact["gpu0_util_percent"] == 87 and compact["gpu0_mem_used_gb"] == 20.0 and compact["gpu0_power_w"] == 350.5
@@ -96,3 +96,15 @@ def test_gpu_release_note_names_a_process_still_holding_memory(fake_gpu):
     assert telemetry.gpu_release_note({os.getpid()}, [0], timeout=0) == \
         f"GPU memory still held after the cancel: pid {os.getpid()} on cuda:0"
     assert telemetry.gpu_release_note({os.getpid() + 1}, [0], timeout=0).startswith("GPU memory released")
+
+
+def test_serving_reads_the_same_gpus(fake_gpu):
+    from engine.servers.formats import detect_gpus, gpu_summary
+
+    detect_gpus.cache_clear()
+    try:
+        assert detect_gpus() == ({"index": 0, "name": "NVIDIA H100 80GB HBM3", "capability": (9, 0),
+                                  "memory_gb": 80.0},)
+        assert gpu_summary() == "NVIDIA H100 80GB HBM3 (sm_90, 80.0 GB)"
+    finally:
+        detect_gpus.cache_clear()  # later tests must see this machine's real GPUs (none on CI)

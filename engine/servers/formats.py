@@ -98,26 +98,13 @@ def _tokenizer_traits(path: Path) -> tuple[bool, bool]:
 
 @functools.lru_cache(maxsize=1)
 def detect_gpus() -> tuple[dict, ...]:
-    """({name, capability: (major, minor), memory_gb}, ...) via NVML; () when there is no driver or GPU."""
-    try:
-        import pynvml
+    """({index, name, capability: (major, minor), memory_gb}, ...) from the telemetry's NVML reading; () when there
+    is no driver or GPU. A capability NVML cannot read is (0, 0): no format check passes on a GPU of unknown kind."""
+    from engine import telemetry
 
-        pynvml.nvmlInit()
-    except Exception:  # no library, no driver: a CPU machine
-        return ()
-    gpus = []
-    try:
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            gpus.append({
-                "index": index, "name": name.decode() if isinstance(name, bytes) else str(name),
-                "capability": tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle)),
-                "memory_gb": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 1024**3, 1),
-            })
-    except Exception:
-        pass
-    return tuple(gpus)
+    found, _ = telemetry.gpus()
+    return tuple({"index": g["index"], "name": g["name"], "capability": tuple(g.get("capability") or (0, 0)),
+                  "memory_gb": round(g.get("mem_total_gb") or 0.0, 1)} for g in found)
 
 
 def gpu_summary(gpus: tuple[dict, ...] | None = None) -> str:

@@ -3,6 +3,8 @@ merged and exported; the export must hold exactly the weights the adapted QAT mo
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -40,7 +42,7 @@ def assets(tmp_path_factory):
     return root / "gpt-oss-mxfp4", train, held_out
 
 
-def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread):
+def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread, monkeypatch):
     from engine.stages import export, prepare, ptq, qat, sft
 
     checkpoint, train, held_out = assets
@@ -63,7 +65,12 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
 
         ptq.run(stage_context(store, ctx.run_dir, recipe, "ptq", "mxfp4", **run))
         qat_ctx = stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run)
-        qat.run(qat_ctx)
+        collects = []
+        real_collect = gc.collect
+        with monkeypatch.context() as patch:
+            patch.setattr(gc, "collect", lambda *a, **k: collects.append(1) or real_collect(*a, **k))
+            qat.run(qat_ctx)
+        assert len(collects) < recipe.qat.max_steps  # no gc.collect() per step (engine/stages/qat.py says why)
 
         # What the adapted model computed with: the PTQ model + the last QAT checkpoint (adapters and all, as a
         # resume loads it), fake_quant(W + BA).

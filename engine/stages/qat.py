@@ -15,17 +15,42 @@ from engine.workspace import checkpoint_dir
 
 
 def run(ctx: Context) -> dict:
-    from modelopt.torch.quantization.plugins.trl import QATSFTTrainer
-
     fmt = ctx.job["fmt"]
     cfg = ctx.recipe.qat
     model, tokenizer = open_model(ctx, f"ptq:{fmt}")
     # LoRA: adapters injected before the trainer sees the model, the fake quantizers kept in front of W + BA.
     adapters = lora.add_adapters(model, cfg, log=ctx.log) if cfg.lora else None
     out = checkpoint_dir(ctx.run_dir, "qat", fmt)
-    trainer = training.make_trainer(QATSFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), f"QAT {fmt}",
+    trainer = training.make_trainer(trainer_class(), ctx, cfg, out, model, tokenizer, load_splits(ctx), f"QAT {fmt}",
                                     quant_args=None)  # already quantized by the PTQ stage
     metrics = training.train(trainer, ctx, out)
     merge = (lambda _: lora.merge(adapters)) if adapters is not None else None
     training.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"), merge=merge)
     return training.stage_result(metrics)
+
+
+def trainer_class() -> type:
+    """modelopt's QATSFTTrainer without its `gc.collect()` before every training and prediction step.
+
+    modelopt 0.47's QATTrainer collects unconditionally (its base class makes the same collect opt-in, `manual_gc`,
+    "to work around GPU memory leaks"). In a process holding the dataset and the model, one collect took 0.38 s on
+    2 CPU cores: the demo's QAT steps cost 2.7x its SFT steps, 40 steps 23.5 s against 8.7 s with the same quantized
+    model under TRL's SFTTrainer. The H100 QAT benchmark (docs/benchmarks.md) trains without per-step collects at BF16's
+    peak memory. QATTrainer's step only collects, then quantizes if the model is not quantized yet; ours arrives
+    quantized by the PTQ stage (`quant_args=None`), so skipping it changes nothing else.
+    """
+    from modelopt.torch.quantization.plugins.transformers_trainer import QATTrainer
+    from modelopt.torch.quantization.plugins.trl import QATSFTTrainer
+
+    class StudioQATSFTTrainer(QATSFTTrainer):
+        def training_step(self, *args, **kwargs):
+            if self.quant_cfg is not None:  # would quantize here: keep modelopt's step as it is
+                return super().training_step(*args, **kwargs)
+            return super(QATTrainer, self).training_step(*args, **kwargs)
+
+        def prediction_step(self, *args, **kwargs):
+            if self.quant_cfg is not None:
+                return super().prediction_step(*args, **kwargs)
+            return super(QATTrainer, self).prediction_step(*args, **kwargs)
+
+    return StudioQATSFTTrainer

@@ -132,11 +132,8 @@ class Engine:
         run = self.store.get_run(job["run_id"])
         log = workspace.log_path(Path(run["run_dir"]), job["id"], job["stage"], job["fmt"])
         log.parent.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         gpus = [r.split(":", 1)[1] for r in job["resources"].split(",") if r.startswith("cuda:")]
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus) if gpus else env.get("CUDA_VISIBLE_DEVICES", "")
-        if not gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU job must not grab a GPU another job holds
+        env = job_env(gpus)
         cmd = [sys.executable, "-m", "engine.child", "--workdir", str(self.workdir), "--job", str(job["id"])]
         try:
             launch = self._accelerate_launch(run, job, gpus)
@@ -212,6 +209,16 @@ class Engine:
                 item.cancel_sent_at = now
             elif now - item.cancel_sent_at > KILL_GRACE_S:
                 _kill_group(item.proc.pid, signal.SIGKILL)
+
+
+def job_env(gpus: list[str], base: dict | None = None) -> dict:
+    """A job's environment: only its GPUs visible (none for a CPU job, so it cannot grab one another job holds),
+    numbered as NVML numbers them. The GPU picker, the queue and the cancel's release check use NVML's indices (PCI
+    bus order); CUDA's default order is "fastest first", which can differ on a machine of mixed GPUs."""
+    env = dict(os.environ if base is None else base, PYTHONUNBUFFERED="1")
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
 
 
 def _at_low_priority(cmd: list[str]) -> list[str]:

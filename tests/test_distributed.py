@@ -94,6 +94,17 @@ def test_lora_with_sharded_strategies_is_refused():
         Recipe.model_validate({"sft": {"lora": True}, "hardware": {"strategy": "fsdp2", "num_processes": 2}})
 
 
+def test_a_job_sees_only_its_gpus_numbered_as_nvml_numbers_them():
+    from engine.worker import job_env
+
+    base = {"CUDA_VISIBLE_DEVICES": "0,1,2", "CUDA_DEVICE_ORDER": "FASTEST_FIRST", "PATH": "/usr/bin"}
+    env = job_env(["1", "2"], base=base)
+    assert env["CUDA_VISIBLE_DEVICES"] == "1,2" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    assert env["PATH"] == "/usr/bin" and env["PYTHONUNBUFFERED"] == "1"
+    assert job_env([], base=base)["CUDA_VISIBLE_DEVICES"] == ""  # a CPU job cannot take a GPU another job holds
+    assert base["CUDA_VISIBLE_DEVICES"] == "0,1,2"  # the engine's own environment is left alone
+
+
 def test_only_training_jobs_of_multi_process_recipes_use_accelerate(tmp_path):
     job = {"id": 3, "stage": "sft", "fmt": "bf16"}
     assert distributed.prepare_launch(Recipe(), job, tmp_path, tmp_path, gpus=[]) is None

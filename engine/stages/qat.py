@@ -33,10 +33,10 @@ def trainer_class() -> type:
     """modelopt's QATSFTTrainer without its `gc.collect()` before every training and prediction step.
 
     modelopt 0.47's QATTrainer collects unconditionally (its base class makes the same collect opt-in, `manual_gc`,
-    "to work around GPU memory leaks"). In a process holding the dataset and the model, one collect took 0.38 s on
-    2 CPU cores: the demo's QAT steps cost 2.7x its SFT steps, 40 steps 23.5 s against 8.7 s with the same quantized
-    model under TRL's SFTTrainer. The H100 QAT benchmark (docs/benchmarks.md) trains without per-step collects at BF16's
-    peak memory. QATTrainer's step only collects, then quantizes if the model is not quantized yet; ours arrives
+    "to work around GPU memory leaks"). In a process holding the dataset and the model one collect took ~0.38 s on
+    2 CPU cores: a demo QAT step cost 0.600 s against 0.213 s without it and 0.189 s for SFT
+    (bench/qat_trainer_cpu.py). The H100 QAT benchmark (docs/benchmarks.md) trains without per-step collects at
+    BF16's peak memory. QATTrainer's step only collects, then quantizes if the model is not quantized yet; ours arrives
     quantized by the PTQ stage (`quant_args=None`), so skipping it changes nothing else.
     """
     from modelopt.torch.quantization.plugins.transformers_trainer import QATTrainer

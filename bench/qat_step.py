@@ -207,6 +207,7 @@ def main(argv=None) -> int:
         if not args.same_process and "," in args.paths:
             # Measured: after a quantized path, the next path in the same process found the previous model's
             # weights (5.2 GiB) still allocated, so every quantized path but the first looked 1.19x heavier.
+            # (Cause found later: pulp's import-time exceptions pinned the frames; engine/import_leaks.py.)
             results.append(measure_in_subprocess(path, argv if argv is not None else sys.argv[1:]))
             print_table(results, args)
             continue

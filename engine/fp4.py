@@ -358,5 +358,8 @@ def register() -> None:
         register_quant_backend,
     )
 
+    from engine.import_leaks import drop_pulp_import_tracebacks
+
+    drop_pulp_import_tracebacks()  # the import above may be modelopt's first: see engine/import_leaks.py
     if not is_registered_quant_backend(BACKEND_NAME):
         register_quant_backend(BACKEND_NAME, fake_quant)

@@ -26,6 +26,9 @@ def enable_modelopt_checkpointing() -> None:
     if not _CHECKPOINTING_ENABLED:
         import modelopt.torch.opt as mto
 
+        from engine.import_leaks import drop_pulp_import_tracebacks
+
+        drop_pulp_import_tracebacks()  # see engine/import_leaks.py
         mto.enable_huggingface_checkpointing()
         _CHECKPOINTING_ENABLED = True
 

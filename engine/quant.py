@@ -30,6 +30,9 @@ def mtq():
     """Import modelopt lazily: it takes seconds and prints warnings, and the web UI must start fast."""
     import modelopt.torch.quantization as mtq_module
 
+    from engine.import_leaks import drop_pulp_import_tracebacks
+
+    drop_pulp_import_tracebacks()  # else the first caller's frames (and its model) live as long as the process
     return mtq_module
 
 

@@ -3,9 +3,9 @@
 modelopt imports pulp (its searcher's LP solver). At import, pulp probes for optional solvers and keeps each failure
 as a class attribute (`COPT_DLL.err`, `CPLEX_PY.err`, ...). An exception keeps its traceback, the traceback its
 frames, and each frame the one that called it: every frame on the stack during the first import of modelopt, up to
-the caller's, stays alive for the life of the process, locals included. Measured on the H100 QAT benchmark: the model
-of the first path (5.2 GiB) was still allocated when the next path ran in the same process; on CPU a tiny model
-quantized inside a function outlives the function. No pulp or modelopt setting avoids it, so we drop those
+the caller's, stays alive for the life of the process, locals included. On CPU a tiny model quantized inside a
+function outlived the function (tests/test_import_leaks.py); the H100 QAT benchmark's same-process runs showed the
+same thing at scale (the first quantized path's 5.2 GiB model still allocated during the next path; not re-run). No pulp or modelopt setting avoids it, so we drop those
 tracebacks (the messages, which pulp shows when such a solver is asked for, stay).
 """
 

@@ -67,11 +67,10 @@ def _check_block_size(recipe: Recipe, model_dir: Path | None) -> None:
 
 def _tokenizer_for(recipe: Recipe, model_dir: Path | None):
     """The tokenizer the run will use, when it is on disk (embedded or local); None for a hub id."""
-    from engine import models
-    from engine.tiny import TOKENIZER_DIR
+    from engine import models, tiny
 
     if recipe.model.source == "embedded:tiny-gpt-oss":
-        return models.load_tokenizer(TOKENIZER_DIR)
+        return tiny.embedded_tokenizer()
     if model_dir is not None and any(model_dir.glob("tokenizer*")):
         return models.load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
     return None

@@ -10,6 +10,7 @@ so a user fixes a file in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -232,8 +233,20 @@ def check_lengths(rows: list[dict], tokenizer, max_length: int, source: str = "d
 
 
 def token_lengths(rows: list[dict], tokenizer) -> list[int]:
-    encoded = tokenizer.apply_chat_template([row["messages"] for row in rows], tokenize=True, return_dict=True)
-    return [len(ids) for ids in encoded["input_ids"]]
+    """Each row's chat length in tokens. Rendering the chat template is the slow part (~2.5 s for the 12,000 demo
+    rows), and the app checks the same dataset before every run: results are kept per (tokenizer object, content).
+    An entry holds its tokenizer, so that object's id cannot be reused while the entry exists."""
+    conversations = [row["messages"] for row in rows]
+    key = (id(tokenizer), hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest())
+    if key not in _LENGTHS:
+        encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)
+        if len(_LENGTHS) >= 8:
+            _LENGTHS.pop(next(iter(_LENGTHS)))  # oldest first
+        _LENGTHS[key] = (tokenizer, [len(ids) for ids in encoded["input_ids"]])
+    return list(_LENGTHS[key][1])
+
+
+_LENGTHS: dict[tuple[int, str], tuple[object, list[int]]] = {}
 
 
 # ---------------------------------------------------------------- split and stats

@@ -8,6 +8,7 @@ SFT -> PTQ -> QAT story starts where NVIDIA's gpt-oss-20b one does.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -72,6 +73,13 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
 
 def load_tokenizer(directory: Path = TOKENIZER_DIR) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(directory))
+
+
+@functools.lru_cache(maxsize=1)
+def embedded_tokenizer() -> PreTrainedTokenizerBase:
+    """The embedded tokenizer, loaded once per process. The web process uses it to validate and preview datasets;
+    only read from it (apply_chat_template, encode), never change it."""
+    return load_tokenizer()
 
 
 def special_id(token: str) -> int:

@@ -123,8 +123,10 @@ def test_whole_recipe_in_the_browser(app):
     _tab(page, "QAT")  # one format keeps the run short: untick NVFP4 in the form the QAT tab generates
     page.get_by_label(FORMAT_LABELS["nvfp4"]).uncheck()
     _tab(page, "Recipe")
+    clicked = time.time()
     page.locator("#run-recipe").click()
     expect(page.get_by_text("queued (10 jobs)")).to_be_visible(timeout=30_000)
+    print(f"Run click to 'queued': {time.time() - clicked:.1f} s")  # validation + queueing, on a warm app
     run_id = page.locator("#run-select input").input_value().split(" · ")[0]
     assert run_id, "the new run is selected"
     expect(page).to_have_url(re.compile(f"run={run_id}"), timeout=20_000)  # a reload keeps the selection

@@ -123,3 +123,21 @@ def test_check_lengths_and_stats():
     stats = data.dataset_stats([GOOD_ROW, long_row], tokenizer)
     assert stats["rows"] == 2 and stats["roles"] == {"user": 2, "assistant": 2}
     assert stats["token_lengths"][1] > 64 > stats["token_lengths"][0]
+
+
+def test_token_lengths_are_remembered_per_content_and_tokenizer():
+    """The app checks lengths before every run; a repeated check is served from memory, an edited one is not."""
+    tokenizer = tiny.load_tokenizer()
+    rows = [GOOD_ROW, {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "ok"}]}]
+    first = data.token_lengths(rows, tokenizer)
+    rendered = []
+    original = tokenizer.apply_chat_template
+    tokenizer.apply_chat_template = lambda *a, **k: rendered.append(1) or original(*a, **k)
+    assert data.token_lengths(rows, tokenizer) == first and not rendered  # same rows: not rendered again
+    edited = [GOOD_ROW, {"messages": [{"role": "user", "content": "a b " * 20}, {"role": "assistant", "content": "ok"}]}]
+    assert data.token_lengths(edited, tokenizer)[1] > first[1] and rendered == [1]
+    other = tiny.load_tokenizer()  # another tokenizer object (it could be another model's): counted afresh
+    other_rendered = []
+    other_original = other.apply_chat_template
+    other.apply_chat_template = lambda *a, **k: other_rendered.append(1) or other_original(*a, **k)
+    assert data.token_lengths(rows, other) == first and other_rendered == [1]

@@ -18,7 +18,7 @@ import gradio as gr
 
 from engine.serving import is_loopback  # the one loopback rule for the app and the servers it starts
 from ui import header
-from ui.state import AppState, warm_up_cuda_check
+from ui.state import AppState, warm_up_in_background
 
 TABS = [("recipe", "Recipe"), ("dataset", "Dataset"), ("sft", "SFT"), ("qat", "QAT"), ("evaluate", "Evaluate"),
         ("compare", "Compare"), ("deploy", "Deploy"), ("chat", "Chat"), ("history", "History")]
@@ -152,7 +152,7 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"engine: {'started, pid ' + str(engine_pid) if engine_pid else 'already running'} ({workdir})", flush=True)
-    warm_up_cuda_check()
+    warm_up_in_background()
     app = build_app(workdir)
     _warm_up()
     app.queue(default_concurrency_limit=4)

@@ -194,6 +194,15 @@ def cuda_available() -> bool:
     return _cuda["value"]
 
 
-def warm_up_cuda_check() -> None:
-    """Answer cuda_available() in the background at start-up, so the first Run click does not wait for it."""
-    threading.Thread(target=cuda_available, name="cuda-check", daemon=True).start()
+def warm_up_in_background() -> None:
+    """Answer the slow first-use questions in the background at start-up, so the first Run click does not wait for
+    them: cuda_available() (a subprocess importing torch), and the embedded tokenizer that validates datasets before
+    a run is queued (transformers and torch, 10-30 s on a busy 2-core machine). The web process holds torch from
+    then on (~0.4 GB resident); it still never trains or evaluates."""
+    def load_tokenizer() -> None:
+        from engine.tiny import embedded_tokenizer
+
+        embedded_tokenizer().apply_chat_template([[{"role": "user", "content": "hi"}]], tokenize=True)
+
+    threading.Thread(target=cuda_available, name="warm-up-cuda", daemon=True).start()
+    threading.Thread(target=load_tokenizer, name="warm-up-tokenizer", daemon=True).start()

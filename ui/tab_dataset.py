@@ -144,13 +144,12 @@ def random_row(source: str) -> int:
         return 0
 
 
-@functools.lru_cache(maxsize=1)
 def tokenizer():
-    """The embedded tokenizer, loaded on first use only: transformers pulls in torch (seconds), and the web
-    process must start fast."""
-    from engine.tiny import load_tokenizer
+    """The embedded tokenizer, imported on first use: transformers pulls in torch (seconds), so the app loads it in
+    the background after it starts serving (ui.state.warm_up_in_background)."""
+    from engine.tiny import embedded_tokenizer
 
-    return load_tokenizer()
+    return embedded_tokenizer()
 
 
 def preview(source: str, index, max_length):

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 NO_GPU_NOTE = "no NVIDIA GPU: showing CPU/RAM only"
-GB = 1024**3
+GB = 1024**3  # binary: the '_gb' fields are GiB, and the UI labels them so
 
 _nvml_lock = threading.Lock()
 _nvml_state: dict = {"ready": None, "note": None}  # ready: None = not tried yet, True/False afterwards

@@ -37,8 +37,8 @@ def test_gpu_rendering_with_unsupported_readings():
     sample = {"cpu_percent": 12.0, "cpu_count": 16, "ram_used_gb": 10.0, "ram_total_gb": 128.0,
               "disk_used_gb": 1.0, "disk_total_gb": 2.0, "gpus": [gpu], "gpu_note": None}
     html = header.render(sample)
-    assert "GPU0" in html and "97%" in html and "40.0/80 GB" in html and "n/a/n/a W" in html
-    assert "123 python 39.5 GB" in html
+    assert "GPU0" in html and "97%" in html and "40.0/80 GiB" in html and "n/a/n/a W" in html
+    assert "123 python 39.5 GiB" in html
     compact = telemetry.compact(sample)
     assert compact["gpu0_util_percent"] == 97 and compact["gpu0_power_w"] is None
 
@@ -105,6 +105,6 @@ def test_serving_reads_the_same_gpus(fake_gpu):
     try:
         assert detect_gpus() == ({"index": 0, "name": "NVIDIA H100 80GB HBM3", "capability": (9, 0),
                                   "memory_gb": 80.0},)
-        assert gpu_summary() == "NVIDIA H100 80GB HBM3 (sm_90, 80.0 GB)"
+        assert gpu_summary() == "NVIDIA H100 80GB HBM3 (sm_90, 80.0 GiB)"
     finally:
         detect_gpus.cache_clear()  # later tests must see this machine's real GPUs (none on CI)

@@ -45,7 +45,7 @@ def test_gpu_picker_offers_indices_and_reads_back_as_the_config_wants(workdir):
 
 def test_gpu_picker_names_the_gpus_nvml_sees(workdir, fake_gpu):
     picker = panel(workdir, DEMO).forms["hardware"].components["gpus"]
-    assert picker.choices[0] == ("cuda:0 · NVIDIA H100 80GB HBM3 · 80 GB", 0)
+    assert picker.choices[0] == ("cuda:0 · NVIDIA H100 80GB HBM3 · 80 GiB", 0)
     assert picker.choices[1] == ("cuda:1 (not on this machine)", 1)
 
 

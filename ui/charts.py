@@ -95,7 +95,7 @@ def telemetry_figure(rows: list[dict], height: int = 260) -> go.Figure:
                                  mode="lines", line={"color": series_color(i + 4), "dash": "dot"}), secondary_y=True)
     fig.update_layout(**base_layout(height=height))
     fig.update_yaxes(title_text="%", range=[0, 105], secondary_y=False)
-    fig.update_yaxes(title_text="GB", secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="GiB", secondary_y=True, showgrid=False)
     return fig
 
 

@@ -45,7 +45,7 @@ def gpu_picker(found: list[dict], name: str, info: str, value) -> gr.CheckboxGro
     choices = []
     for index in range(max(MAX_LISTED_GPUS, len(found))):
         gpu = names.get(index)
-        label = (f"cuda:{index} · {gpu['name']} · {gpu.get('mem_total_gb') or 0:.0f} GB" if gpu
+        label = (f"cuda:{index} · {gpu['name']} · {gpu.get('mem_total_gb') or 0:.0f} GiB" if gpu
                  else f"cuda:{index} (not on this machine)")
         choices.append((label, index))
     return gr.CheckboxGroup(choices=choices, value=list(value or []), label=name,

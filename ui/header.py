@@ -51,11 +51,11 @@ def _meter(label: str, value: str, percent: float | None = None, title: str = ""
 def render(sample: dict) -> str:
     parts = [
         _meter("CPU", f"{sample['cpu_percent']:.0f}% of {sample['cpu_count']}", sample["cpu_percent"]),
-        _meter("RAM", f"{sample['ram_used_gb']:.1f}/{sample['ram_total_gb']:.0f} GB",
+        _meter("RAM", f"{sample['ram_used_gb']:.1f}/{sample['ram_total_gb']:.0f} GiB",
                100 * sample["ram_used_gb"] / sample["ram_total_gb"]),
     ]
     if sample.get("disk_total_gb"):
-        parts.append(_meter("Disk", f"{sample['disk_used_gb']:.0f}/{sample['disk_total_gb']:.0f} GB",
+        parts.append(_meter("Disk", f"{sample['disk_used_gb']:.0f}/{sample['disk_total_gb']:.0f} GiB",
                             100 * sample["disk_used_gb"] / sample["disk_total_gb"], "the workspace's disk"))
     for gpu in sample.get("gpus") or []:
         parts.append(_gpu_html(gpu))
@@ -67,13 +67,13 @@ def render(sample: dict) -> str:
 def _gpu_html(gpu: dict) -> str:
     mem_used, mem_total = gpu.get("mem_used_gb"), gpu.get("mem_total_gb")
     mem_pct = 100 * mem_used / mem_total if mem_used is not None and mem_total else None
-    procs = ", ".join(f"{p['pid']} {p['name']}" + (f" {p['mem_gb']:.1f} GB" if p.get("mem_gb") is not None else "")
+    procs = ", ".join(f"{p['pid']} {p['name']}" + (f" {p['mem_gb']:.1f} GiB" if p.get("mem_gb") is not None else "")
                       for p in gpu.get("processes") or []) or "no processes"
     title = f"{gpu.get('name')}: {procs}"
     label = f"GPU{gpu['index']}"
     bits = [
         _meter(label, f"{_na(gpu.get('util_percent'))}%", gpu.get("util_percent"), title),
-        _meter("mem", f"{_na(mem_used, '{:.1f}')}/{_na(mem_total)} GB", mem_pct, title),
+        _meter("mem", f"{_na(mem_used, '{:.1f}')}/{_na(mem_total)} GiB", mem_pct, title),
         _meter("pwr", f"{_na(gpu.get('power_w'))}/{_na(gpu.get('power_limit_w'))} W", None, title),
         _meter("temp", f"{_na(gpu.get('temp_c'))}°C", None, title),
         _meter("SM", f"{_na(gpu.get('sm_clock_mhz'))} MHz", None, title),

@@ -111,7 +111,7 @@ def gpu_summary(gpus: tuple[dict, ...] | None = None) -> str:
     gpus = detect_gpus() if gpus is None else gpus
     if not gpus:
         return "no NVIDIA GPU on this machine"
-    return ", ".join(f"{g['name']} (sm_{g['capability'][0]}{g['capability'][1]}, {g['memory_gb']} GB)" for g in gpus)
+    return ", ".join(f"{g['name']} (sm_{g['capability'][0]}{g['capability'][1]}, {g['memory_gb']} GiB)" for g in gpus)
 
 
 def check_compatibility(backend, info: CheckpointInfo, gpus: tuple[dict, ...] | None = None) -> list[Finding]:

@@ -92,6 +92,16 @@ def test_gpu_readings_from_nvml_become_a_sample(fake_gpu, workdir):
     assert "GPU0" in header.render(telemetry.sample(workdir))
 
 
+def test_run_telemetry_chart_names_its_series_with_units(fake_gpu, workdir):
+    from ui import charts
+
+    rows = [{"time": 1_700_000_000.0 + i, "sample": telemetry.compact(telemetry.sample(workdir))} for i in range(2)]
+    figure = charts.telemetry_figure(rows)
+    names = {trace.name: trace.yaxis for trace in figure.data}
+    assert names == {"CPU %": "y", "GPU0 util %": "y", "RAM used (GiB)": "y2", "GPU0 mem used (GiB)": "y2"}
+    assert [trace.y for trace in figure.data if trace.name == "GPU0 mem used (GiB)"] == [(20.0, 20.0)]
+
+
 def test_gpu_release_note_names_a_process_still_holding_memory(fake_gpu):
     assert telemetry.gpu_release_note({os.getpid()}, [0], timeout=0) == \
         f"GPU memory still held after the cancel: pid {os.getpid()} on cuda:0"

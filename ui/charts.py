@@ -88,15 +88,22 @@ def telemetry_figure(rows: list[dict], height: int = 260) -> go.Figure:
     keys = sorted({k for r in rows for k in r["sample"]})
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     for i, key in enumerate(k for k in keys if k.endswith("_percent")):
-        fig.add_trace(go.Scatter(x=times, y=[r["sample"].get(key) for r in rows], name=key.replace("_", " "),
+        fig.add_trace(go.Scatter(x=times, y=[r["sample"].get(key) for r in rows], name=telemetry_name(key),
                                  mode="lines", line={"color": series_color(i)}), secondary_y=False)
     for i, key in enumerate(k for k in keys if k.endswith("_gb")):
-        fig.add_trace(go.Scatter(x=times, y=[r["sample"].get(key) for r in rows], name=key.replace("_", " "),
+        fig.add_trace(go.Scatter(x=times, y=[r["sample"].get(key) for r in rows], name=telemetry_name(key),
                                  mode="lines", line={"color": series_color(i + 4), "dash": "dot"}), secondary_y=True)
     fig.update_layout(**base_layout(height=height))
     fig.update_yaxes(title_text="%", range=[0, 105], secondary_y=False)
     fig.update_yaxes(title_text="GiB", secondary_y=True, showgrid=False)
     return fig
+
+
+def telemetry_name(key: str) -> str:
+    """A stored sample key as a legend entry: 'gpu0_mem_used_gb' -> 'GPU0 mem used (GiB)', 'cpu_percent' -> 'CPU %'."""
+    words = key.removesuffix("_percent").removesuffix("_gb").split("_")
+    words[0] = words[0].upper()  # cpu, ram, gpu<N>
+    return " ".join(words) + (" %" if key.endswith("_percent") else " (GiB)")
 
 
 def overlay_figure(curves: list[dict], x_title: str, y_title: str, height: int = 380,

@@ -5,7 +5,8 @@
 Applies modelopt's config for FORMAT (engine.quant.modelopt_config, the same one PTQ uses) to a freshly built,
 untrained embedded tiny gpt-oss and writes engine.quant.quant_summary() as JSON. The module names follow
 transformers' GptOss layout, so the table holds for real gpt-oss checkpoints too (with more layers). It runs as a
-subprocess (~20 s: importing modelopt dominates) so the web process never imports torch; the UI caches the file.
+subprocess (~20 s: importing modelopt dominates) so the web process never imports modelopt or builds a model; the UI
+caches the file.
 After PTQ ran, runs/<id>/models/ptq-<fmt>/quant_summary.json is the exact table and should be preferred.
 """
 

@@ -183,7 +183,8 @@ _cuda: dict = {}
 
 
 def cuda_available() -> bool:
-    """Whether torch sees a GPU, asked once in a subprocess: the web process never imports torch (seconds, GBs)."""
+    """Whether torch sees a GPU, asked once in a subprocess: CUDA's driver initialisation stays out of the
+    long-lived web process, which only ever reads GPUs through NVML."""
     if "value" not in _cuda:
         code = "import torch; print(torch.cuda.is_available())"
         try:
@@ -198,7 +199,7 @@ def warm_up_in_background() -> None:
     """Answer the slow first-use questions in the background at start-up, so the first Run click does not wait for
     them: cuda_available() (a subprocess importing torch), and the embedded tokenizer that validates datasets before
     a run is queued (transformers and torch, 10-30 s on a busy 2-core machine). The web process holds torch from
-    then on (~0.4 GB resident); it still never trains or evaluates."""
+    then on (+0.37 GiB resident, measured); it still never trains or evaluates."""
     def load_tokenizer() -> None:
         from engine.tiny import embedded_tokenizer
 

@@ -4,6 +4,8 @@ network needs credentials."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
@@ -186,3 +188,24 @@ def test_cancel_button_cancels_queued_jobs_and_resume_says_when_nothing_to_do(ru
     assert {j["status"] for j in store.list_jobs(run_id)} == {"cancelled"}
     assert store.get_run(run_id)["status"] == "cancelled"
     assert "No run selected" in cancel_clicked(state, None)
+
+
+def test_dataset_preview_recounts_an_edited_file(tmp_path):
+    """The histogram's lengths follow the file: an edit that keeps the row count still changes them."""
+    from ui import tab_dataset
+
+    path = tmp_path / "chat.jsonl"
+
+    def write(words: int, mtime_ns: int) -> None:
+        rows = [{"messages": [{"role": "user", "content": "word " * words}, {"role": "assistant", "content": "ok"}]}
+                for _ in range(3)]
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        os.utime(path, ns=(mtime_ns, mtime_ns))  # a distinct modification time, whatever the filesystem's clock
+
+    write(2, 1_000_000_000_000_000_000)
+    _, before = tab_dataset.preview(str(path), 0, 256)
+    write(40, 2_000_000_000_000_000_000)
+    tokens, after = tab_dataset.preview(str(path), 0, 256)
+    assert len(before.data[0].x) == len(after.data[0].x) == 3
+    assert min(after.data[0].x) > max(before.data[0].x) + 30
+    assert "".join(text for text, _ in tokens).count("word") == 40  # the preview shows the edited row too

@@ -158,7 +158,7 @@ def preview(source: str, index, max_length):
     except DataError:
         return [], charts.empty("fix the dataset problems above first")
     index = min(max(int(index or 0), 0), len(rows) - 1)
-    return highlighted(rows[index]["messages"]), histogram(source, rows, max_length)
+    return highlighted(rows[index]["messages"]), histogram(rows, max_length)
 
 
 def highlighted(messages: list[dict]) -> list[tuple[str, str | None]]:
@@ -174,14 +174,13 @@ def highlighted(messages: list[dict]) -> list[tuple[str, str | None]]:
     return out
 
 
-@functools.lru_cache(maxsize=4)
-def _lengths(source: str, count: int) -> list[int]:
-    rows = load_rows(source)
+def _lengths(rows: list[dict]) -> list[int]:
+    """Token lengths of a fixed sample (engine.data remembers them per content, so an edited file is recounted)."""
     sample = rows if len(rows) <= HIST_SAMPLE else random.Random(0).sample(rows, HIST_SAMPLE)
     return dataset_stats(sample, tokenizer())["token_lengths"]
 
 
-def histogram(source: str, rows: list[dict], max_length):
-    lengths = _lengths(source, len(rows))
+def histogram(rows: list[dict], max_length):
+    lengths = _lengths(rows)
     sampled = f" ({HIST_SAMPLE} of {len(rows)} rows, random sample)" if len(rows) > HIST_SAMPLE else ""
     return charts.length_histogram(lengths, int(max_length) if max_length else None, title=f"Token lengths{sampled}")

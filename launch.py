@@ -19,7 +19,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli_flags import add_recipe_flags
+    from cli.flags import add_recipe_flags
 
     parser = argparse.ArgumentParser(prog="launch.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -67,36 +67,36 @@ def _app_flags(parser: argparse.ArgumentParser, top_level: bool = False) -> None
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine import workspace
-    from engine.cli import UserError
+    from engine.runtime import workspace
+    from engine.runs import UserError
 
     workdir = workspace.resolve_workdir(args.workdir)
     command = args.command or "app"
     try:
         if command == "run":
-            from engine.cli import cmd_run
-            from engine.cli_flags import overrides_from_args
+            from cli.commands import cmd_run
+            from cli.flags import overrides_from_args
 
             return cmd_run(args.recipe, workdir, overrides_from_args(args), wait=not args.no_wait)
         if command == "resume":
-            from engine.cli import cmd_resume
+            from cli.commands import cmd_resume
 
             return cmd_resume(args.run_id, workdir, wait=not args.no_wait)
         if command == "cancel":
-            from engine.cli import cmd_cancel
+            from cli.commands import cmd_cancel
 
             return cmd_cancel(args.run_id, workdir)
         if command == "status":
-            from engine.cli import cmd_status
+            from cli.commands import cmd_status
 
             return cmd_status(args.run_id, workdir, as_json=args.json)
         if command == "engine":
-            from engine.worker import Engine
+            from engine.runtime.worker import Engine
 
             workdir.mkdir(parents=True, exist_ok=True)
             return Engine(workdir, idle_exit=args.idle_exit).serve()
         if command == "serve":
-            from engine.serving import cmd_serve
+            from engine.serving.server_process import cmd_serve
 
             return cmd_serve(args.checkpoint, workdir, backend=args.backend, host=args.host, port=args.port)
         from ui.app import launch_app

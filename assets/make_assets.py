@@ -2,7 +2,7 @@
 
     .venv/bin/python assets/make_assets.py
 
-The pre-training corpus is not written: it is regenerated at run time from engine.demo_tasks.pretrain_rows
+The pre-training corpus is not written: it is regenerated at run time from engine.data.demo_tasks.pretrain_rows
 (deterministic), which keeps the committed assets small.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import demo_tasks, tiny  # noqa: E402
+from engine.data import demo_tasks, embedded_model  # noqa: E402
 
 TOKENIZER_CORPUS_ROWS = 6000  # pre-training rows mixed into the tokenizer's training text
 
@@ -32,11 +32,11 @@ def make_datasets(directory: Path = demo_tasks.DATASETS_DIR) -> dict[str, list[d
     return datasets
 
 
-def make_tokenizer(datasets: dict[str, list[dict]], directory: Path = tiny.TOKENIZER_DIR) -> None:
+def make_tokenizer(datasets: dict[str, list[dict]], directory: Path = embedded_model.TOKENIZER_DIR) -> None:
     texts = row_texts(demo_tasks.pretrain_rows(TOKENIZER_CORPUS_ROWS, seed=0))
     for rows in datasets.values():
         texts += row_texts(rows)
-    tiny.save_tokenizer(tiny.train_tokenizer(texts), directory)
+    embedded_model.save_tokenizer(embedded_model.train_tokenizer(texts), directory)
 
 
 def main() -> None:

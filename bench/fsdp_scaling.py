@@ -1,15 +1,15 @@
 """SFT and QAT steps of a gpt-oss-20b-shaped model under FSDP2 on 1 and 2 GPUs, launched the way the engine launches
-training: `accelerate launch` with the accelerate config that engine/distributed.py writes for `strategy: fsdp2`.
+training: `accelerate launch` with the accelerate config that engine/runtime/distributed.py writes for `strategy: fsdp2`.
 
     python bench/fsdp_scaling.py --runs 2x1,2x2,6x1,6x2 --json out.json      # LAYERSxGPUS
 
 Each run is one `accelerate launch` of this file (`--rank-main`). Inside it, two phases on a fresh model each:
   sft   the bf16-built model, prepared by accelerate (FSDP2 upcasts it to fp32 master weights, computes in bf16)
-  qat   the same model with modelopt's MXFP4 weight-only quantizers (engine/quant.py) and the engine's fast experts
-        path (engine/fast_experts.py), prepared the same way
+  qat   the same model with modelopt's MXFP4 weight-only quantizers (engine/fp4/modelopt_glue.py) and the engine's fast experts
+        path (engine/fp4/fast_experts.py), prepared the same way
 Each phase: fused AdamW, per-GPU batch x seq random tokens, warm-up steps, then the median of timed steps. Reported per
 run: step time, tokens/s over all GPUs, peak memory on the busiest GPU (setup included: what decides whether it fits),
-and engine/estimate.py's prediction for the same model, strategy and GPU count. Scaling efficiency =
+and engine/training/estimate.py's prediction for the same model, strategy and GPU count. Scaling efficiency =
 tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU), same model, same per-GPU batch.
 A run that does not fit ends with "out of memory" in its phase; that is a result, not a failure of the benchmark.
 """
@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def model_config(layers: int, vocab: int) -> dict:
-    """gpt-oss-20b's shape with fewer layers (the config keys engine/estimate.py reads)."""
-    from engine.estimate import KNOWN
+    """gpt-oss-20b's shape with fewer layers (the config keys engine/training/estimate.py reads)."""
+    from engine.training.estimate import KNOWN
 
     layer_types = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     return {**KNOWN["gpt-oss-20b"], "num_hidden_layers": layers, "vocab_size": vocab, "layer_types": layer_types,
@@ -57,7 +57,7 @@ def build_model(cfg: dict, device):
 def run_phase(accelerator, phase: str, cfg: dict, args) -> dict:
     import torch
 
-    from engine import fast_experts, quant
+    from engine.fp4 import fast_experts, modelopt_glue
 
     device = accelerator.device
     torch.cuda.empty_cache()
@@ -67,8 +67,8 @@ def run_phase(accelerator, phase: str, cfg: dict, args) -> dict:
         model = build_model(cfg, device)
         if phase == "qat":
             where = "quantize"
-            backend = quant.resolve_backend("auto", device)
-            model = quant.quantize(model, "mxfp4", None, backend)  # MXFP4 is dynamic: nothing to calibrate
+            backend = modelopt_glue.resolve_backend("auto", device)
+            model = modelopt_glue.quantize(model, "mxfp4", None, backend)  # MXFP4 is dynamic: nothing to calibrate
             assert fast_experts.enable(model) == cfg["num_hidden_layers"], "fast experts path not applied"
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
@@ -122,9 +122,9 @@ def rank_main(args) -> int:
 
 
 def accelerate_config_file(gpus: int, tmp: Path) -> Path:
-    """The file the engine writes for a `strategy: fsdp2` recipe with `gpus` processes (engine/distributed.py)."""
-    from engine import distributed
-    from engine.configs import HardwareConfig, TrainConfig
+    """The file the engine writes for a `strategy: fsdp2` recipe with `gpus` processes (engine/runtime/distributed.py)."""
+    from engine.runtime import distributed
+    from engine.recipe.configs import HardwareConfig, TrainConfig
 
     # The engine refuses FSDP2 on one process (pointless in a product); here it is the 1-GPU baseline of the same code.
     hw = HardwareConfig(strategy="fsdp2", num_processes=2, device="cuda")
@@ -133,7 +133,7 @@ def accelerate_config_file(gpus: int, tmp: Path) -> Path:
 
 
 def launch(layers: int, gpus: int, args, tmp: Path) -> dict:
-    from engine.estimate import estimate
+    from engine.training.estimate import estimate
 
     result_file = tmp / f"result-{layers}x{gpus}.json"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_file(gpus, tmp)),

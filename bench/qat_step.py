@@ -6,9 +6,9 @@ and plain modelopt (the anchor). Prints a table (step time, ratio to BF16, token
 Paths:
   bf16             no quantizers (the baseline)
   modelopt:<fmt>   mtq.quantize with modelopt's own CUDA fake-quant kernels (the anchor)
-  wrapper:<fmt>    mtq.quantize with our backend (the fused Triton kernel of engine/fp4_triton.py, bit-exact to modelopt's
+  wrapper:<fmt>    mtq.quantize with our backend (the fused Triton kernel of engine/fp4/triton_kernel.py, bit-exact to modelopt's
                    reference QTensors) inside modelopt's expert wrapper
-  engine:<fmt>     what the app trains with: the same quantized model, plus engine/fast_experts.py (each 3-D expert
+  engine:<fmt>     what the app trains with: the same quantized model, plus engine/fp4/fast_experts.py (each 3-D expert
                    weight fake-quantized once per forward along the input dim, transformers' grouped_mm experts path)
   param:<fmt>      experiment: no modelopt at all; a torch parametrization fake-quantizes the expert weights
 Each step is forward + backward + AdamW step on random tokens; the model is random-init (speed does not depend on
@@ -50,18 +50,18 @@ def build_model(args):
 
 
 def prepare(model, path: str, batch):
-    from engine import fp4, quant
+    from engine.fp4 import torch_backend, modelopt_glue
 
     if path == "bf16":
         return model
     kind, fmt = path.split(":")
     if kind == "param":
         return add_fake_quant_parametrizations(model, fmt)
-    backend = None if kind == "modelopt" else quant.resolve_backend("auto", batch.device)
-    fp4.register()
-    model = quant.quantize(model, fmt, lambda m: m(input_ids=batch[:1]), backend)
+    backend = None if kind == "modelopt" else modelopt_glue.resolve_backend("auto", batch.device)
+    torch_backend.register()
+    model = modelopt_glue.quantize(model, fmt, lambda m: m(input_ids=batch[:1]), backend)
     if kind == "engine":
-        from engine import fast_experts
+        from engine.fp4 import fast_experts
 
         assert fast_experts.enable(model) > 0, "fast experts path not applicable"
     return model
@@ -70,16 +70,16 @@ def prepare(model, path: str, batch):
 class _STE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, kind, block):
-        from engine.fp4 import nvfp4_global_scale
+        from engine.fp4.torch_backend import nvfp4_global_scale
 
         scale = nvfp4_global_scale(weight) if kind == "nv" else None
         if not weight.is_cuda:  # the torch ops version, blocks along dim 1 via a transpose (CPU smoke runs)
-            from engine.fp4 import mxfp4_fake_quant, nvfp4_fake_quant
+            from engine.fp4.torch_backend import mxfp4_fake_quant, nvfp4_fake_quant
 
             t = weight.detach().transpose(1, 2)
             out = mxfp4_fake_quant(t, block) if kind == "mx" else nvfp4_fake_quant(t, block, scale * 2688)
             return out.transpose(1, 2)
-        from engine.fp4_triton import fake_quant_3d
+        from engine.fp4.triton_kernel import fake_quant_3d
 
         return fake_quant_3d(weight.detach(), kind, block, scale)
 
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         if not args.same_process and "," in args.paths:
             # Measured: after a quantized path, the next path in the same process found the previous model's
             # weights (5.2 GiB) still allocated, so every quantized path but the first looked 1.19x heavier.
-            # (Cause found later: pulp's import-time exceptions pinned the frames; engine/import_leaks.py.)
+            # (Cause found later: pulp's import-time exceptions pinned the frames; engine/fp4/import_leaks.py.)
             results.append(measure_in_subprocess(path, argv if argv is not None else sys.argv[1:]))
             print_table(results, args)
             continue

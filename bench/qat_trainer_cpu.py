@@ -27,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from engine import fast_experts, fp4, quant, tiny, training  # noqa: E402
-from engine.configs import Recipe  # noqa: E402
-from engine.data import load_chat_dataset, split_train_eval  # noqa: E402
-from engine.workspace import REPO_ROOT  # noqa: E402
+from engine.fp4 import fast_experts, torch_backend, modelopt_glue  # noqa: E402
+from engine.data import embedded_model  # noqa: E402
+from engine.training import hf_trainer  # noqa: E402
+from engine.recipe.configs import Recipe  # noqa: E402
+from engine.data.chat_data import load_chat_dataset, split_train_eval  # noqa: E402
+from engine.runtime.workspace import REPO_ROOT  # noqa: E402
 
 
 class _CountCollects:
@@ -53,11 +55,11 @@ def build(fake_quant: bool):
     torch.manual_seed(0)
     from transformers import GptOssForCausalLM
 
-    model = GptOssForCausalLM(tiny.tiny_config(tiny.VOCAB_SIZE))
+    model = GptOssForCausalLM(embedded_model.tiny_config(embedded_model.VOCAB_SIZE))
     if fake_quant:
-        fp4.register()
-        calib = torch.randint(0, tiny.VOCAB_SIZE, (2, 64))
-        model = quant.quantize(model, "mxfp4", lambda m: m(input_ids=calib), quant.resolve_backend("auto", "cpu"))
+        torch_backend.register()
+        calib = torch.randint(0, embedded_model.VOCAB_SIZE, (2, 64))
+        model = modelopt_glue.quantize(model, "mxfp4", lambda m: m(input_ids=calib), modelopt_glue.resolve_backend("auto", "cpu"))
         fast_experts.enable(model)
     return model
 
@@ -80,10 +82,10 @@ def measure(name: str, recipe: Recipe, rows: list[dict], steps: int, tokenizer) 
     cfg = recipe.qat.model_copy(update={"max_steps": steps, "logging_steps": steps, "save_steps": 10**6})
     ctx = type("Ctx", (), {"device": torch.device("cpu"), "dtype": torch.float32})()
     with tempfile.TemporaryDirectory() as out:
-        args = training.trl_args(cfg, ctx, Path(out), recipe.data.max_length)
+        args = hf_trainer.trl_args(cfg, ctx, Path(out), recipe.data.max_length)
         args.eval_strategy = "no"
         base, extra = trainer_for(name)
-        trainer = base(model=build(name != "sft"), args=args, train_dataset=training.as_dataset(rows),
+        trainer = base(model=build(name != "sft"), args=args, train_dataset=hf_trainer.as_dataset(rows),
                        processing_class=tokenizer, **extra)
         with _CountCollects() as collects:
             start = time.perf_counter()
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     recipe = Recipe.model_validate(yaml.safe_load((REPO_ROOT / "assets/recipes/demo.yaml").read_text()))
     rows = load_chat_dataset(recipe.data.source, root=REPO_ROOT / "assets")
     train, _ = split_train_eval(rows, recipe.data.eval_fraction, recipe.data.split_seed)
-    tokenizer = tiny.load_tokenizer()
+    tokenizer = embedded_model.load_tokenizer()
     results = [measure(name, recipe, train[:4000], args.steps, tokenizer) for name in args.trainers.split(",")]
     base = results[0]["s_per_step"]
     print(f"\n{args.steps} steps, batch {recipe.qat.per_device_train_batch_size}, {args.threads} threads, "

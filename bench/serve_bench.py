@@ -7,12 +7,12 @@
                                                                   gpt-oss-20b's shape, on a GPU machine
 
 The checkpoint is random (weights do not matter for speed) and written straight in OpenAI's MXFP4 layout (uint8
-E2M1 blocks + E8M0 scales; engine/export_mxfp4.py documents it), so a 20B shape needs no 80 GB fp32 model first.
+E2M1 blocks + E8M0 scales; engine/fp4/export_mxfp4.py documents it), so a 20B shape needs no 80 GB fp32 model first.
 Its tokenizer is the embedded one (harmony template). Each backend (transformers, plus vLLM when importable, or
---backends) is started with engine.serving, timed until /health, warmed up, then sent N requests on
+--backends) is started with engine.serving.server_process, timed until /health, warmed up, then sent N requests on
 /v1/completions with a harmony-rendered prompt (vLLM's gpt-oss *chat* path needs the o200k vocabulary) through
-engine.chat.ChatClient, every reply forced to exactly --max-tokens tokens (min_new_tokens / ignore_eos) so
-backends generate the same amount. TTFT and tokens/s are measured client side (see engine/chat.py).
+engine.serving.chat.ChatClient, every reply forced to exactly --max-tokens tokens (min_new_tokens / ignore_eos) so
+backends generate the same amount. TTFT and tokens/s are measured client side (see engine/serving/chat.py).
 Prints a table and writes JSON.
 """
 
@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from engine import harmony, serving  # noqa: E402
-from engine.chat import ChatClient  # noqa: E402
-from engine.servers.formats import gpu_summary  # noqa: E402
+from engine.data import harmony  # noqa: E402
+from engine.serving import server_process  # noqa: E402
+from engine.serving.chat import ChatClient  # noqa: E402
+from engine.serving.formats import gpu_summary  # noqa: E402
 
 FILLER = ("the quick brown fox jumps over the lazy dog while seven small birds sing about rivers mountains and "
           "green gardens in the morning light").split()
@@ -76,19 +77,19 @@ def make_random_mxfp4(args, out_dir: Path) -> Path:
     """A gpt-oss-shaped MXFP4 checkpoint with random weights, in OpenAI's layout, loadable by transformers/vLLM."""
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    from engine import tiny
-    from engine.export_mxfp4 import MODULES_TO_NOT_CONVERT, save_tensors
+    from engine.data import embedded_model
+    from engine.fp4.export_mxfp4 import MODULES_TO_NOT_CONVERT, save_tensors
 
     for name, size in (("hidden", args.hidden), ("intermediate", args.intermediate)):
         if size % 32:
             raise SystemExit(f"--{name} must be a multiple of the MXFP4 block (32), got {size}")
-    tokenizer = tiny.load_tokenizer()
+    tokenizer = embedded_model.load_tokenizer()
     config = GptOssConfig(
         vocab_size=max(args.vocab, len(tokenizer)), hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_local_experts=args.experts, num_experts_per_tok=args.top_k,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim, sliding_window=128,
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args.layers)],
-        max_position_embeddings=tiny.MAX_POSITIONS, tie_word_embeddings=False, architectures=["GptOssForCausalLM"],
+        max_position_embeddings=embedded_model.MAX_POSITIONS, tie_word_embeddings=False, architectures=["GptOssForCausalLM"],
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     with torch.device("meta"):
@@ -107,8 +108,8 @@ def make_random_mxfp4(args, out_dir: Path) -> Path:
     config.dtype = torch.bfloat16
     config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": MODULES_TO_NOT_CONVERT}
     config.save_pretrained(out_dir)
-    tiny.generation_config().save_pretrained(out_dir)
-    tiny.save_tokenizer(tokenizer, out_dir)
+    embedded_model.generation_config().save_pretrained(out_dir)
+    embedded_model.save_tokenizer(tokenizer, out_dir)
     return out_dir
 
 
@@ -160,7 +161,7 @@ def bench_backend(store, backend: str, model_dir: Path, args) -> dict:
     options = {"device": args.device} if backend == "transformers" else \
         {"max_model_len": args.max_model_len} if backend == "vllm" else None
     started = time.perf_counter()
-    row = serving.start_server(store, model_dir, backend, options=options, timeout=args.start_timeout)
+    row = server_process.start_server(store, model_dir, backend, options=options, timeout=args.start_timeout)
     load_s = time.perf_counter() - started
     try:
         client = ChatClient(row["base_url"], backend=backend)
@@ -172,7 +173,7 @@ def bench_backend(store, backend: str, model_dir: Path, args) -> dict:
             samples = list(pool.map(lambda _: measure(client, prompt, args, extra), range(args.requests)))
         wall = time.perf_counter() - wall
     finally:
-        serving.stop_server(store, row["id"])
+        server_process.stop_server(store, row["id"])
     return {"backend": backend, "command": row["command"], "load_s": load_s, "requests": len(samples),
             "concurrency": args.concurrency, "wall_s": wall,
             "throughput_tokens_per_s": sum(s["tokens"] for s in samples) / wall,
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     for backend in backends:
         try:
             results.append(bench_backend(store, backend, model_dir, args))
-        except serving.ServingError as exc:
+        except server_process.ServingError as exc:
             print(f"{backend}: not measured: {exc}", file=sys.stderr)
     print_table(results)
     out = Path(args.json or workdir / "serve_bench.json")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import serving
-from engine.workspace import REPO_ROOT, db_path
+from engine.serving import server_process
+from engine.runtime.workspace import REPO_ROOT, db_path
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -39,7 +39,7 @@ def running_app(workdir: Path, log_name: str = "app.log") -> Iterator[tuple[str,
     """`python launch.py --workdir W --port P` and a headless chromium; yields (url, browser). The app log goes to
     W/log_name. On exit: the app, the servers it started, its engines and any job still running are stopped."""
     sync_playwright = playwright()
-    port = serving.free_port()
+    port = server_process.free_port()
     env = dict(os.environ, QAT_STUDIO_HOME=str(workdir), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     log = open(workdir / log_name, "wb")
     proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "--port", str(port)],
@@ -75,7 +75,7 @@ def stop_app(app: subprocess.Popen, workdir: Path) -> None:
         _killpg(app.pid, signal.SIGKILL)
         app.wait()
     store = Store(db_path(workdir))
-    serving.stop_all_servers(store)
+    server_process.stop_all_servers(store)
     engines = [e["pid"] for e in store.live_engines(max_age_s=24 * 3600)]
     for pid in engines:
         _killpg(pid, signal.SIGTERM)

@@ -75,6 +75,6 @@ def _fake_pynvml(pid: int) -> SimpleNamespace:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """One NVIDIA H100 as NVML reports it, used by this process (3 GiB)."""
-    from engine import telemetry
+    from engine.runtime import telemetry
 
     monkeypatch.setattr(telemetry, "_nvml_state", {"ready": True, "module": _fake_pynvml(os.getpid()), "note": None})

@@ -43,16 +43,16 @@ def stop_engines(store) -> None:
 
 
 def _alive(pid: int) -> bool:
-    from engine.worker import _pid_alive
+    from engine.runtime.worker import _pid_alive
 
     return _pid_alive(pid)
 
 
 def run_killed_and_resumed(workdir: Path) -> tuple:
     """The smoke recipe, with SFT (and the engine) SIGKILLed after its first checkpoint, then resumed to the end."""
-    from engine.training import latest_checkpoint
-    from engine.worker import ensure_engine
-    from engine.workspace import checkpoint_dir
+    from engine.training.hf_trainer import latest_checkpoint
+    from engine.runtime.worker import ensure_engine
+    from engine.runtime.workspace import checkpoint_dir
     from storage import Store
 
     proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",

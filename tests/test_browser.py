@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.configs import FORMAT_LABELS
-from engine.workspace import REPO_ROOT, db_path
+from engine.recipe.configs import FORMAT_LABELS
+from engine.runtime.workspace import REPO_ROOT, db_path
 from tests.browser_app import open_page, running_app
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import serving
-from engine.workspace import REPO_ROOT, db_path
+from engine.serving import server_process
+from engine.runtime.workspace import REPO_ROOT, db_path
 from tests.browser_app import open_page, running_app
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ OBSERVE = """() => { window.__lengths = []; const t0 = performance.now();
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    from engine.tiny import ensure_tiny_base
+    from engine.data.embedded_model import ensure_tiny_base
 
     checkpoint = ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
     workdir = tmp_path_factory.mktemp("browser-chat") / "workspace"
@@ -77,4 +77,4 @@ def test_deploy_then_chat_streams_a_reply(app):
     expect(page.locator("#deploy-notice")).to_contain_text("Stopped 1 server", timeout=60_000)
     rows = Store(db_path(app["workdir"])).list_servers()
     assert [r["status"] for r in rows] == ["stopped"]
-    assert not serving.group_alive(rows[0]["pid"]), "the server's processes are still there"
+    assert not server_process.group_alive(rows[0]["pid"]), "the server's processes are still there"

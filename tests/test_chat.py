@@ -1,4 +1,4 @@
-"""engine.chat without a model: channel splitting of every reply shape, streamed piece by piece, the messages and
+"""engine.serving.chat without a model: channel splitting of every reply shape, streamed piece by piece, the messages and
 request fields it sends, and what a dead endpoint gives (a real closed port, no mocks). The live-server side is in
 tests/test_serving.py."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import harmony
-from engine.chat import ChannelSplitter, ChatClient, _unsettled_tail, stream_compare
-from engine.serving import free_port
+from engine.data import harmony
+from engine.serving.chat import ChannelSplitter, ChatClient, _unsettled_tail, stream_compare
+from engine.serving.server_process import free_port
 
 THINKING = "I need to add 2 and 3. 2 plus 3 is 5. The analysis says final is 5."
 ANSWER = "The answer is 5."

@@ -11,8 +11,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
-from engine import data, tiny  # noqa: E402
-from engine.data import DataError, load_chat_dataset  # noqa: E402
+from engine.data import chat_data, embedded_model  # noqa: E402
+from engine.data.chat_data import DataError, load_chat_dataset  # noqa: E402
 
 BAD = Path(__file__).parent / "fixtures" / "bad_data"
 GOOD_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
@@ -66,7 +66,7 @@ def test_issues_are_capped_with_a_count(tmp_path):
     with pytest.raises(DataError) as error:
         load_chat_dataset(str(bad))
     lines = str(error.value).splitlines()
-    assert len(lines) == data.MAX_ISSUES + 1 and lines[-1] == "... and 10 more"
+    assert len(lines) == chat_data.MAX_ISSUES + 1 and lines[-1] == "... and 10 more"
     assert lines[0].startswith(f"{bad}:1: messages: no assistant turn")
 
 
@@ -99,9 +99,9 @@ def test_embedded_sources():
 
 def test_split_is_deterministic_stratified_and_disjoint():
     rows = load_chat_dataset("embedded:demo")
-    train, evaluation = data.split_train_eval(rows, 0.1, seed=42)
-    assert (train, evaluation) == data.split_train_eval(rows, 0.1, seed=42)
-    assert evaluation != data.split_train_eval(rows, 0.1, seed=7)[1]
+    train, evaluation = chat_data.split_train_eval(rows, 0.1, seed=42)
+    assert (train, evaluation) == chat_data.split_train_eval(rows, 0.1, seed=42)
+    assert evaluation != chat_data.split_train_eval(rows, 0.1, seed=7)[1]
     assert sum(r["task"] == "language" for r in evaluation) == 600
     assert sum(r["task"] == "refusal" for r in evaluation) == 600
     assert len(train) + len(evaluation) == len(rows)
@@ -110,34 +110,34 @@ def test_split_is_deterministic_stratified_and_disjoint():
 
 def test_tiny_groups_keep_a_row_on_each_side():
     rows = [dict(GOOD_ROW, task="a"), dict(GOOD_ROW, task="a"), dict(GOOD_ROW)]
-    train, evaluation = data.split_train_eval(rows, 0.01, seed=0)
+    train, evaluation = chat_data.split_train_eval(rows, 0.01, seed=0)
     assert len(train) == 2 and len(evaluation) == 1 and evaluation[0]["task"] == "a"
 
 
 def test_check_lengths_and_stats():
-    tokenizer = tiny.load_tokenizer()
+    tokenizer = embedded_model.load_tokenizer()
     long_row = {"messages": [{"role": "user", "content": "word " * 100}, {"role": "assistant", "content": "ok"}]}
-    issues = data.check_lengths([GOOD_ROW, long_row], tokenizer, max_length=64, source="f.jsonl")
+    issues = chat_data.check_lengths([GOOD_ROW, long_row], tokenizer, max_length=64, source="f.jsonl")
     assert len(issues) == 1 and str(issues[0]).startswith("f.jsonl:2: messages: ")
     assert "longer than max_length 64" in str(issues[0])
-    stats = data.dataset_stats([GOOD_ROW, long_row], tokenizer)
+    stats = chat_data.dataset_stats([GOOD_ROW, long_row], tokenizer)
     assert stats["rows"] == 2 and stats["roles"] == {"user": 2, "assistant": 2}
     assert stats["token_lengths"][1] > 64 > stats["token_lengths"][0]
 
 
 def test_token_lengths_are_remembered_per_content_and_tokenizer():
     """The app checks lengths before every run; a repeated check is served from memory, an edited one is not."""
-    tokenizer = tiny.load_tokenizer()
+    tokenizer = embedded_model.load_tokenizer()
     rows = [GOOD_ROW, {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "ok"}]}]
-    first = data.token_lengths(rows, tokenizer)
+    first = chat_data.token_lengths(rows, tokenizer)
     rendered = []
     original = tokenizer.apply_chat_template
     tokenizer.apply_chat_template = lambda *a, **k: rendered.append(1) or original(*a, **k)
-    assert data.token_lengths(rows, tokenizer) == first and not rendered  # same rows: not rendered again
+    assert chat_data.token_lengths(rows, tokenizer) == first and not rendered  # same rows: not rendered again
     edited = [GOOD_ROW, {"messages": [{"role": "user", "content": "a b " * 20}, {"role": "assistant", "content": "ok"}]}]
-    assert data.token_lengths(edited, tokenizer)[1] > first[1] and rendered == [1]
-    other = tiny.load_tokenizer()  # another tokenizer object (it could be another model's): counted afresh
+    assert chat_data.token_lengths(edited, tokenizer)[1] > first[1] and rendered == [1]
+    other = embedded_model.load_tokenizer()  # another tokenizer object (it could be another model's): counted afresh
     other_rendered = []
     other_original = other.apply_chat_template
     other.apply_chat_template = lambda *a, **k: other_rendered.append(1) or other_original(*a, **k)
-    assert data.token_lengths(rows, other) == first and other_rendered == [1]
+    assert chat_data.token_lengths(rows, other) == first and other_rendered == [1]

@@ -11,8 +11,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from engine import demo_tasks, scoring, tiny  # noqa: E402
-from engine.harmony import parse_completion  # noqa: E402
+from engine.data import demo_tasks, embedded_model  # noqa: E402
+from engine.evaluation import scoring  # noqa: E402
+from engine.data.harmony import parse_completion  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,29 +42,29 @@ def test_committed_tokenizer_equals_a_fresh_training(tmp_path):
     make_assets = _make_assets_module()
     make_assets.make_tokenizer({t: demo_tasks.task_rows(t) for t in demo_tasks.SFT_TASKS}, tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (tmp_path / name).read_bytes() == (tiny.TOKENIZER_DIR / name).read_bytes(), name
+        assert (tmp_path / name).read_bytes() == (embedded_model.TOKENIZER_DIR / name).read_bytes(), name
 
 
 def test_assets_stay_small():
-    files = [*demo_tasks.DATASETS_DIR.iterdir(), *tiny.TOKENIZER_DIR.iterdir()]
+    files = [*demo_tasks.DATASETS_DIR.iterdir(), *embedded_model.TOKENIZER_DIR.iterdir()]
     assert sum(f.stat().st_size for f in files) < 5_000_000
 
 
 def test_tokenizer_loads_offline_and_round_trips():
-    tokenizer = AutoTokenizer.from_pretrained(str(tiny.TOKENIZER_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(str(embedded_model.TOKENIZER_DIR))
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token) == ("<|return|>", "<|endoftext|>",
                                                                                 "<|startoftext|>")
-    assert tokenizer.chat_template and len(tokenizer) <= tiny.VOCAB_SIZE
+    assert tokenizer.chat_template and len(tokenizer) <= embedded_model.VOCAB_SIZE
     text = "La réponse est 12. Ich muss zählen; ¿más? 🙂"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
     ids = tokenizer.encode("<|start|>user<|message|>Hi<|end|>", add_special_tokens=False)
-    assert ids[0] == tiny.special_id("<|start|>") and ids[-1] == tiny.special_id("<|end|>")
+    assert ids[0] == embedded_model.special_id("<|start|>") and ids[-1] == embedded_model.special_id("<|end|>")
 
 
 def test_examples_are_short():
-    tokenizer = tiny.load_tokenizer()
+    tokenizer = embedded_model.load_tokenizer()
     rows = demo_tasks.language_rows(300, 0) + demo_tasks.refusal_rows(300, 0) + demo_tasks.pretrain_rows(300, 0)
-    lengths = [len(ids) for ids, _ in tiny.encode_rows(tokenizer, rows)]
+    lengths = [len(ids) for ids, _ in embedded_model.encode_rows(tokenizer, rows)]
     assert 40 <= min(lengths) and max(lengths) <= 90
 
 

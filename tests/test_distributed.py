@@ -18,10 +18,10 @@ from pydantic import ValidationError
 from test_real_checkpoint import (  # noqa: F401 - one_thread is a fixture
     make_mxfp4_checkpoint, make_small_data, one_thread, recipe_for, stage_context)
 
-from engine import distributed
-from engine.configs import HardwareConfig, Recipe
-from engine.pipeline import _add_jobs, plan
-from engine.worker import Engine, request_cancel
+from engine.runtime import distributed
+from engine.recipe.configs import HardwareConfig, Recipe
+from engine.runtime.pipeline import _add_jobs, plan
+from engine.runtime.worker import Engine, request_cancel
 from storage import Store
 
 TRAIN_STAGES = ("prepare", "sft", "ptq", "qat")
@@ -69,10 +69,10 @@ def test_each_machine_gets_its_command(tmp_path):
     assert len(commands) == 2
     for rank, command in enumerate(commands):
         assert f"--machine_rank {rank} " in command and "--main_process_ip 10.0.0.5" in command
-        assert command.endswith("-m engine.child --workdir /shared/ws --job 7")
+        assert command.endswith("-m engine.stages.job --workdir /shared/ws --job 7")
     args = launch_command_parser().parse_args(distributed.launch_args(tmp_path / "c.yaml", hw, Path("/w"), 7, 1)[2:])
     assert (args.num_processes, args.num_machines, args.machine_rank, args.module) == (16, 2, 1, True)
-    assert args.training_script == "engine.child" and args.training_script_args == ["--workdir", "/w", "--job", "7"]
+    assert args.training_script == "engine.stages.job" and args.training_script_args == ["--workdir", "/w", "--job", "7"]
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -95,7 +95,7 @@ def test_lora_with_sharded_strategies_is_refused():
 
 
 def test_a_job_sees_only_its_gpus_numbered_as_nvml_numbers_them():
-    from engine.worker import job_env
+    from engine.runtime.worker import job_env
 
     base = {"CUDA_VISIBLE_DEVICES": "0,1,2", "CUDA_DEVICE_ORDER": "FASTEST_FIRST", "PATH": "/usr/bin"}
     env = job_env(["1", "2"], base=base)
@@ -272,12 +272,12 @@ def _alive(pid: int) -> bool:
 
 
 def run_child(workdir: Path, job_id: int, rank: int) -> int:
-    """`python -m engine.child` as rank `rank` of 2 would run it (the env torchrun gives each rank)."""
+    """`python -m engine.stages.job` as rank `rank` of 2 would run it (the env torchrun gives each rank)."""
     import subprocess
     import sys
 
     env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
-    return subprocess.run([sys.executable, "-m", "engine.child", "--workdir", str(workdir), "--job", str(job_id)],
+    return subprocess.run([sys.executable, "-m", "engine.stages.job", "--workdir", str(workdir), "--job", str(job_id)],
                           cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True).returncode
 
 

@@ -17,9 +17,9 @@ import torch
 from test_distributed import assets  # noqa: F401 - the generated MXFP4 checkpoint and data (a fixture)
 from test_real_checkpoint import recipe_for
 
-from engine.configs import Recipe
-from engine.pipeline import _add_jobs, plan, resources_for
-from engine.worker import Engine
+from engine.recipe.configs import Recipe
+from engine.runtime.pipeline import _add_jobs, plan, resources_for
+from engine.runtime.worker import Engine
 from storage import Store
 
 pytestmark = [

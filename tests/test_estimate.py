@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.estimate import GIB, KNOWN, OVERHEAD_GIB, estimate, lora_parameters, parameter_counts
+from engine.training.estimate import GIB, KNOWN, OVERHEAD_GIB, estimate, lora_parameters, parameter_counts
 
 # gpt-oss-20b by hand: H = I = 2880, 24 layers, 32 experts, 64 heads x 64, 8 KV heads, vocab 201088, untied.
 EXPERTS_PER_LAYER_20B = 32 * (2880 * 5760 + 5760 + 2880 * 2880 + 2880)  # gate_up + down, with biases = 796,538,880

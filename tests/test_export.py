@@ -16,9 +16,9 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import GptOssConfig, GptOssForCausalLM, Mxfp4Config  # noqa: E402
 
-from engine import fp4, quant  # noqa: E402
-from engine.export_mxfp4 import export_mxfp4, load_export, non_expert_state, verify_mxfp4_export  # noqa: E402
-from engine.export_nvfp4 import export_nvfp4, load_dequantized, verify_nvfp4_export  # noqa: E402
+from engine.fp4 import torch_backend, modelopt_glue  # noqa: E402
+from engine.fp4.export_mxfp4 import export_mxfp4, load_export, non_expert_state, verify_mxfp4_export  # noqa: E402
+from engine.fp4.export_nvfp4 import export_nvfp4, load_dequantized, verify_nvfp4_export  # noqa: E402
 
 E, HIDDEN, INTER, LAYERS = 4, 128, 128, 2
 EXPERT_SHAPES = {"gate_up_proj": (HIDDEN, 2 * INTER), "down_proj": (INTER, HIDDEN)}  # (in, out)
@@ -51,7 +51,7 @@ def calibrate(model) -> None:
 
 def quantized(base, fmt: str):
     loop = None if fmt == "mxfp4" else calibrate
-    return quant.quantize(copy.deepcopy(base), fmt, loop, quant.resolve_backend("torch", "cpu"))
+    return modelopt_glue.quantize(copy.deepcopy(base), fmt, loop, modelopt_glue.resolve_backend("torch", "cpu"))
 
 
 PROMPT = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(7))
@@ -73,7 +73,7 @@ def base():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from engine.tiny import load_tokenizer
+    from engine.data.embedded_model import load_tokenizer
 
     return load_tokenizer()
 
@@ -95,7 +95,7 @@ def mx_export(mx, tokenizer, tmp_path_factory) -> tuple[Path, dict]:
 
 
 def expected_and_others(model) -> tuple[dict, dict]:
-    expected = quant.effective_expert_weights(model)
+    expected = modelopt_glue.effective_expert_weights(model)
     return expected, non_expert_state(model, skip=expected)
 
 
@@ -145,7 +145,7 @@ def test_mxfp4_reloads_through_transformers_exactly(mx, mx_export) -> None:
     # Independent of transformers: our own decoder gives the same (E, in, out) weights back.
     state = load_file(str(out / "model.safetensors"))
     name = "model.layers.1.mlp.experts.gate_up_proj"
-    decoded = fp4.mxfp4_decode(state[name + "_blocks"], state[name + "_scales"], torch.float32)
+    decoded = torch_backend.mxfp4_decode(state[name + "_blocks"], state[name + "_scales"], torch.float32)
     assert torch.equal(decoded.transpose(-1, -2), expected[name])
 
 
@@ -168,7 +168,7 @@ def test_mxfp4_logits_match_the_fake_quant_model(mx, tokenizer, tmp_path) -> Non
     export_mxfp4(mx, tokenizer, tmp_path / "bf16")
     rounded = copy.deepcopy(mx)
     for name, param in rounded.named_parameters():
-        if not name.endswith(quant.EXPERT_WEIGHTS):
+        if not name.endswith(modelopt_glue.EXPERT_WEIGHTS):
             param.data = param.data.to(torch.bfloat16).float()
     rounded_logits = logits(rounded)
     assert (logits(load("bf16", torch.float32), like=mx) - rounded_logits).abs().max() <= 4 * ulps(reference, 23)
@@ -180,8 +180,8 @@ def test_mxfp4_plain_model_exports_the_same_weights(base, mx_export, tmp_path) -
     """An unquantized model is quantized on export exactly as the MXFP4 quantizer would (input-dim blocks)."""
     out = tmp_path / "plain"
     export_mxfp4(base, None, out)
-    expected = {n: fp4.mxfp4_fake_quant(w.transpose(-1, -2), 32).transpose(-1, -2)
-                for n, w in quant.effective_expert_weights(base).items()}
+    expected = {n: torch_backend.mxfp4_fake_quant(w.transpose(-1, -2), 32).transpose(-1, -2)
+                for n, w in modelopt_glue.effective_expert_weights(base).items()}
     assert verify_mxfp4_export(out, expected)["max_abs_diff"] == 0.0
     plain = load_file(str(out / "model.safetensors"))
     quantized_export = load_file(str(mx_export[0] / "model.safetensors"))
@@ -235,9 +235,9 @@ def test_mxfp4_output_dim_blocks_fail_verification(mx, tmp_path) -> None:
     """
     out = tmp_path / "wrong"
     export_mxfp4(mx, None, out)
-    expected = quant.effective_expert_weights(mx)
+    expected = modelopt_glue.effective_expert_weights(mx)
     name = "model.layers.0.mlp.experts.down_proj"
-    blocks, scales = fp4.mxfp4_encode(expected[name].contiguous())  # (E, in, out): blocks along out
+    blocks, scales = torch_backend.mxfp4_encode(expected[name].contiguous())  # (E, in, out): blocks along out
     rewrite(out / "model.safetensors", **{name + "_blocks": blocks, name + "_scales": scales})
     with pytest.raises(ValueError, match=name):
         verify_mxfp4_export(out, expected)
@@ -290,7 +290,7 @@ def test_modelopt_nvfp4_export_of_float32_model_does_not_verify(nv, tmp_path) ->
     experts differ from the trained fake-quant weights; our verification catches it."""
     from modelopt.torch.export import export_hf_checkpoint
 
-    expected = quant.effective_expert_weights(nv)
+    expected = modelopt_glue.effective_expert_weights(nv)
     export_hf_checkpoint(copy.deepcopy(nv), dtype=torch.bfloat16, export_dir=str(tmp_path))
     with pytest.raises(ValueError, match="differ from the trained ones"):
         verify_nvfp4_export(tmp_path, expected)
@@ -300,7 +300,7 @@ def test_nvfp4_output_dim_blocks_fail_verification(nv, tmp_path) -> None:
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
 
     export_nvfp4(nv, None, tmp_path)
-    expected = quant.effective_expert_weights(nv)
+    expected = modelopt_glue.effective_expert_weights(nv)
     name = "model.layers.1.mlp.experts.down_proj"
     state = load_file(str(tmp_path / "model.safetensors"))
     weight = dict(nv.named_parameters())[name].detach()  # (E, in, out), quantized along out: wrong
@@ -319,7 +319,7 @@ def test_nvfp4_w4a4_writes_input_scales(base, tmp_path) -> None:
     experts = model.model.layers[0].mlp.experts
     scale = state["model.layers.0.mlp.experts.down_proj_input_scale"]
     assert scale.dim() == 0 and torch.equal(scale, experts.down_proj_input_quantizer.amax.float() / (6 * 448))
-    expected = quant.effective_expert_weights(model)
+    expected = modelopt_glue.effective_expert_weights(model)
     assert verify_nvfp4_export(tmp_path, expected)["max_abs_diff"] == 0.0
     assert tuple(state["model.layers.0.mlp.experts.down_proj_weight_scale"].shape) == (E, INTER // 16, HIDDEN)
 
@@ -335,16 +335,16 @@ def test_nvfp4_needs_a_quantized_model(base, tmp_path) -> None:
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_export_stage_registers_a_verified_artifact(fmt, mx, nv, tokenizer, tmp_path) -> None:
-    from engine import models
-    from engine.configs import Recipe
-    from engine.context import Context
+    from engine.fp4 import model_io
+    from engine.recipe.configs import Recipe
+    from engine.runtime.context import Context
     from engine.stages import export as export_stage
     from storage import Store
 
     with Store(tmp_path / "studio.db") as store:
         run_dir = tmp_path / "runs" / "r1"
         run_id = store.create_run("t", {}, run_dir=str(run_dir))
-        models.save_model_atomic({"mxfp4": mx, "nvfp4": nv}[fmt], tokenizer, run_dir / "models" / f"qat-{fmt}")
+        model_io.save_model_atomic({"mxfp4": mx, "nvfp4": nv}[fmt], tokenizer, run_dir / "models" / f"qat-{fmt}")
         job_id = store.add_job(run_id, "export", fmt, target=f"qat:{fmt}")
         ctx = Context(store=store, workdir=tmp_path, run=store.get_run(run_id), job=store.get_job(job_id),
                       recipe=Recipe(), device=torch.device("cpu"))

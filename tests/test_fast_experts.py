@@ -1,4 +1,4 @@
-"""The fast experts path (engine/fast_experts.py) computes what modelopt's gpt-oss wrapper computes.
+"""The fast experts path (engine/fp4/fast_experts.py) computes what modelopt's gpt-oss wrapper computes.
 
 CPU here (the GPU file test_fp4_triton_gpu.py repeats the comparison with the Triton kernel on an H100).
 """
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GptOssConfig, GptOssForCausalLM
 
-from engine import fast_experts, quant
+from engine.fp4 import fast_experts, modelopt_glue
 
 
 def tiny(dtype=torch.float32):
@@ -22,7 +22,7 @@ def tiny(dtype=torch.float32):
 
 def quantized(fmt):
     batch = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    return quant.quantize(tiny(), fmt, lambda m: m(input_ids=batch), quant.resolve_backend("torch", "cpu"))
+    return modelopt_glue.quantize(tiny(), fmt, lambda m: m(input_ids=batch), modelopt_glue.resolve_backend("torch", "cpu"))
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
@@ -43,23 +43,23 @@ def test_fast_path_matches_modelopt_wrapper(fmt):
 def test_fast_path_uses_exactly_the_exported_weights_with_straight_through_grads():
     model = quantized("mxfp4")
     fast_experts.enable(model)
-    effective = quant.effective_expert_weights(model)  # what evaluation and export read
+    effective = modelopt_glue.effective_expert_weights(model)  # what evaluation and export read
     twin = copy.deepcopy(model)
     fast_experts.disable(twin)
-    for item in quant.expert_weights(twin):  # the twin computes with the fake-quantized weights, unquantized
+    for item in modelopt_glue.expert_weights(twin):  # the twin computes with the fake-quantized weights, unquantized
         item.weight.data.copy_(effective[item.name])
         item.quantizer.disable()
     tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
     model(input_ids=tokens, labels=tokens).loss.backward()
     twin_out = twin(input_ids=tokens, labels=tokens)
     twin_out.loss.backward()
-    for a, b in zip(quant.expert_weights(model), quant.expert_weights(twin)):
+    for a, b in zip(modelopt_glue.expert_weights(model), modelopt_glue.expert_weights(twin)):
         torch.testing.assert_close(a.weight.grad, b.weight.grad, rtol=1e-4, atol=1e-7)  # dL/dW = dL/dW_q
 
 
 def test_w4a4_stays_on_modelopt_path():
-    model = quant.quantize(tiny(), "nvfp4_w4a4", lambda m: m(input_ids=torch.zeros(1, 8, dtype=torch.long)),
-                           quant.resolve_backend("torch", "cpu"))
+    model = modelopt_glue.quantize(tiny(), "nvfp4_w4a4", lambda m: m(input_ids=torch.zeros(1, 8, dtype=torch.long)),
+                           modelopt_glue.resolve_backend("torch", "cpu"))
     assert fast_experts.enable(model) == 0
 
 

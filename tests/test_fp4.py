@@ -1,4 +1,4 @@
-"""engine/fp4.py: bit-exact against modelopt's reference QTensors, and QAT through mtq.quantize on CPU.
+"""engine/fp4/torch_backend.py: bit-exact against modelopt's reference QTensors, and QAT through mtq.quantize on CPU.
 
 Signed zeros: we require the sign of zero to match too (bit patterns, not values). It is free to
 match, and it pins down the reference's rules exactly: MXFP4QTensor encodes exact zeros with the
@@ -21,7 +21,7 @@ from modelopt.torch.quantization.nn import TensorQuantizer
 from modelopt.torch.quantization.qtensor import MXFP4QTensor, NVFP4QTensor
 from transformers import GptOssConfig, GptOssForCausalLM
 
-from engine import fp4
+from engine.fp4 import torch_backend
 
 BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 TIES_DOWN = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)  # MXFP4QTensor: strict '>' against each bound
@@ -88,11 +88,11 @@ def crafted_cases(block: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("shape", [(4, 256, 128), (64, 96)])
 def test_random_tensors_match_reference(dtype, block, shape):
     x = random_weights(shape, dtype)
-    assert_bit_equal(fp4.mxfp4_fake_quant(x, block), ref_mx(x, block))
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, block), ref_nv(x, block))
+    assert_bit_equal(torch_backend.mxfp4_fake_quant(x, block), ref_mx(x, block))
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, block), ref_nv(x, block))
     # A calibrated global amax below the tensor's own: saturating blocks must match too.
     amax = x.abs().amax().float() / 3
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, block, amax), ref_nv(x, block, amax))
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, block, amax), ref_nv(x, block, amax))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,15 +100,15 @@ def test_random_tensors_match_reference(dtype, block, shape):
 @pytest.mark.parametrize("case", ["ties", "zeros", "huge", "bf16_max", "tiny", "mixed", "log2_edge"])
 def test_crafted_blocks_match_reference(dtype, block, case):
     x = crafted_cases(block)[case].to(dtype)
-    assert_bit_equal(fp4.mxfp4_fake_quant(x, block), ref_mx(x, block))
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, block), ref_nv(x, block))
+    assert_bit_equal(torch_backend.mxfp4_fake_quant(x, block), ref_mx(x, block))
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, block), ref_nv(x, block))
 
 
 def test_all_crafted_blocks_in_one_tensor_match_reference():
     # One tensor: the huge rows set the NVFP4 global scale, so the tiny/tie blocks hit the 2**-9 clamp.
     x = torch.cat(list(crafted_cases(32).values()))
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, 32), ref_nv(x, 32))
-    assert_bit_equal(fp4.mxfp4_fake_quant(x, 32), ref_mx(x, 32))
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, 32), ref_nv(x, 32))
+    assert_bit_equal(torch_backend.mxfp4_fake_quant(x, 32), ref_mx(x, 32))
 
 
 @pytest.mark.parametrize("k", [-20, -1, 0, 7])
@@ -118,7 +118,7 @@ def test_mxfp4_ties_go_to_smaller_magnitude(k):
     x[0] = 6 * scale  # amax / 6 = 2**k exactly, so the E8M0 scale is 2**k
     x[1:8] = torch.tensor(BOUNDS) * scale
     x[8:15] = -torch.tensor(BOUNDS) * scale
-    out = fp4.mxfp4_fake_quant(x, 32)
+    out = torch_backend.mxfp4_fake_quant(x, 32)
     assert out[1:8].tolist() == [v * scale for v in TIES_DOWN]
     assert out[8:15].tolist() == [-v * scale for v in TIES_DOWN]
 
@@ -126,9 +126,9 @@ def test_mxfp4_ties_go_to_smaller_magnitude(k):
 def test_mxfp4_scale_uses_float32_log2_like_the_reference():
     amax = torch.nextafter(torch.tensor(6144.0), torch.tensor(7000.0))  # 6 * 2**10, plus one ulp
     x = torch.cat([amax[None], torch.zeros(31)])
-    blocks, scales = fp4.mxfp4_encode(x, 32)
+    blocks, scales = torch_backend.mxfp4_encode(x, 32)
     assert scales.item() == 127 + 10  # not 11: log2(amax / 6) rounds to exactly 10.0 in float32
-    assert fp4.mxfp4_fake_quant(x, 32)[0].item() == 6144.0  # so amax saturates to 6 * 2**10
+    assert torch_backend.mxfp4_fake_quant(x, 32)[0].item() == 6144.0  # so amax saturates to 6 * 2**10
 
 
 @pytest.mark.parametrize("j, m", [(0, 0), (3, 10), (-5, 4), (8, -3)])
@@ -141,15 +141,15 @@ def test_nvfp4_ties_go_to_even(j, m):
     x[0] = 6 * scale
     x[1:8] = torch.tensor(BOUNDS) * scale
     x[8:15] = -torch.tensor(BOUNDS) * scale
-    out = fp4.nvfp4_fake_quant(x, 16, global_amax)
+    out = torch_backend.nvfp4_fake_quant(x, 16, global_amax)
     assert out[1:8].tolist() == [v * scale for v in TIES_EVEN]
     assert out[8:15].tolist() == [-v * scale for v in TIES_EVEN]
 
 
 def test_signed_zero_policy_follows_each_reference():
     x = torch.tensor([0.0, -0.0, 1e-3, -1e-3] + [6.0] + [0.0] * 11)  # +-1e-3 round to zero
-    mx = fp4.mxfp4_fake_quant(x, 16)
-    nv = fp4.nvfp4_fake_quant(x, 16)
+    mx = torch_backend.mxfp4_fake_quant(x, 16)
+    nv = torch_backend.nvfp4_fake_quant(x, 16)
     assert torch.signbit(mx[:4]).tolist() == [True, True, False, True]  # MX: exact zeros -> -0.0
     assert torch.signbit(nv[:4]).tolist() == [False, False, False, False]  # NV: every zero is +0.0
 
@@ -158,25 +158,25 @@ def test_signed_zero_policy_follows_each_reference():
 def test_partial_last_block_is_zero_padded(last_dim):
     x = random_weights((3, last_dim), torch.bfloat16, seed=5)
     padded = torch.nn.functional.pad(x, (0, -last_dim % 32))
-    assert_bit_equal(fp4.mxfp4_fake_quant(x, 32), ref_mx(padded, 32)[:, :last_dim])
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, 32), ref_nv(padded, 32)[:, :last_dim])
+    assert_bit_equal(torch_backend.mxfp4_fake_quant(x, 32), ref_mx(padded, 32)[:, :last_dim])
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, 32), ref_nv(padded, 32)[:, :last_dim])
 
 
 def test_nvfp4_all_zero_tensor_stays_zero_where_reference_gives_nan():
     x = torch.zeros(2, 32)
     assert torch.isnan(ref_nv(x, 16)).all()  # the reference divides by a zero global scale
-    out = fp4.nvfp4_fake_quant(x, 16)
+    out = torch_backend.nvfp4_fake_quant(x, 16)
     assert torch.equal(bits(out), bits(torch.zeros_like(x)))
 
 
 def test_chunking_does_not_change_results(monkeypatch):
     x = random_weights((2, 32, 96), torch.bfloat16, seed=7)
-    whole_mx, whole_nv = fp4.mxfp4_fake_quant(x, 32), fp4.nvfp4_fake_quant(x, 16)
-    whole_enc = fp4.mxfp4_encode(x, 32)
-    monkeypatch.setattr(fp4, "_CHUNK_ELEMENTS", 1000)  # 7-13 chunks; the last one is partial
-    assert_bit_equal(fp4.mxfp4_fake_quant(x, 32), whole_mx)
-    assert_bit_equal(fp4.nvfp4_fake_quant(x, 16), whole_nv)
-    for ours, whole in zip(fp4.mxfp4_encode(x, 32), whole_enc):
+    whole_mx, whole_nv = torch_backend.mxfp4_fake_quant(x, 32), torch_backend.nvfp4_fake_quant(x, 16)
+    whole_enc = torch_backend.mxfp4_encode(x, 32)
+    monkeypatch.setattr(torch_backend, "_CHUNK_ELEMENTS", 1000)  # 7-13 chunks; the last one is partial
+    assert_bit_equal(torch_backend.mxfp4_fake_quant(x, 32), whole_mx)
+    assert_bit_equal(torch_backend.nvfp4_fake_quant(x, 16), whole_nv)
+    for ours, whole in zip(torch_backend.mxfp4_encode(x, 32), whole_enc):
         assert torch.equal(ours, whole)
 
 
@@ -185,23 +185,23 @@ def test_encode_matches_reference_layout_and_decode_round_trips(dtype):
     crafted = crafted_cases(32)
     extra = torch.cat([crafted["ties"], crafted["zeros"][:1]])[None]  # 5 tie rows + 1 zero row
     x = torch.cat([random_weights((4, 6, 64), dtype, seed=9), extra.to(dtype)])
-    blocks, scales = fp4.mxfp4_encode(x, 32)
+    blocks, scales = torch_backend.mxfp4_encode(x, 32)
     assert blocks.shape == (5, 6, 2, 16) and scales.shape == (5, 6, 2)  # OpenAI's *_blocks / *_scales
     assert blocks.dtype == scales.dtype == torch.uint8
     ref_q, ref_scales = MXFP4QTensor.quantize(x.clone(), 32)
     assert torch.equal(blocks.reshape(ref_q._quantized_data.shape), ref_q._quantized_data)
     assert torch.equal(scales.reshape(-1), ref_scales.reshape(-1))
-    assert_bit_equal(fp4.mxfp4_decode(blocks, scales, dtype), fp4.mxfp4_fake_quant(x, 32))
+    assert_bit_equal(torch_backend.mxfp4_decode(blocks, scales, dtype), torch_backend.mxfp4_fake_quant(x, 32))
 
 
 def test_encode_rejects_partial_blocks():
     with pytest.raises(ValueError, match="block"):
-        fp4.mxfp4_encode(torch.ones(4, 40), 32)
+        torch_backend.mxfp4_encode(torch.ones(4, 40), 32)
 
 
 def make_quantizer(**cfg) -> TensorQuantizer:
-    fp4.register()
-    return TensorQuantizer(QuantizerAttributeConfig(backend=fp4.BACKEND_NAME, **cfg))
+    torch_backend.register()
+    return TensorQuantizer(QuantizerAttributeConfig(backend=torch_backend.BACKEND_NAME, **cfg))
 
 
 MX_BLOCKS = {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}
@@ -212,8 +212,8 @@ def test_backend_output_and_straight_through_gradient():
     x = random_weights((8, 64), torch.float32, seed=11).requires_grad_()
     upstream = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     for blocks, expected in [
-        (MX_BLOCKS, fp4.mxfp4_fake_quant(x, 32)),
-        (NV_BLOCKS, fp4.nvfp4_fake_quant(x, 16)),  # no calibrated _amax: falls back to max |x|
+        (MX_BLOCKS, torch_backend.mxfp4_fake_quant(x, 32)),
+        (NV_BLOCKS, torch_backend.nvfp4_fake_quant(x, 16)),  # no calibrated _amax: falls back to max |x|
     ]:
         x.grad = None
         out = make_quantizer(num_bits=(2, 1), block_sizes=blocks)(x)
@@ -244,15 +244,15 @@ def test_backend_uses_calibrated_amax_and_clipped_ste_when_asked():
 )
 def test_unsupported_configs_raise(cfg):
     quantizer = make_quantizer(**cfg)
-    with pytest.raises(NotImplementedError, match=fp4.BACKEND_NAME):
+    with pytest.raises(NotImplementedError, match=torch_backend.BACKEND_NAME):
         quantizer(torch.ones(4, 32))
 
 
 def test_register_is_idempotent():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # modelopt warns "Overwriting existing backend"
-        fp4.register()
-        fp4.register()
+        torch_backend.register()
+        torch_backend.register()
 
 
 def tiny_gpt_oss() -> GptOssForCausalLM:
@@ -271,13 +271,13 @@ def with_backend(config: dict) -> dict:
         cfgs = entry.get("cfg")
         for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
             if isinstance(cfg, dict) and cfg.get("enable", True):
-                cfg["backend"] = fp4.BACKEND_NAME
+                cfg["backend"] = torch_backend.BACKEND_NAME
     return config
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4"])
 def test_qat_through_modelopt_uses_our_fake_quant_with_straight_through_grads(fmt):
-    fp4.register()
+    torch_backend.register()
     base = {"mxfp4": mtq.MXFP4_MLP_WEIGHT_ONLY_CFG, "nvfp4": mtq.NVFP4_MLP_WEIGHT_ONLY_CFG}[fmt]
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(2))
     calibrate = lambda m: [m(input_ids=ids) for _ in range(2)]  # noqa: E731
@@ -291,13 +291,13 @@ def test_qat_through_modelopt_uses_our_fake_quant_with_straight_through_grads(fm
         experts, twin_experts = layer.mlp.experts, twin_layer.mlp.experts
         for name in ("gate_up_proj", "down_proj"):
             quantizer = getattr(experts, f"{name}_weight_quantizer")
-            assert quantizer.backend == fp4.BACKEND_NAME and quantizer.is_enabled
+            assert quantizer.backend == torch_backend.BACKEND_NAME and quantizer.is_enabled
             raw = getattr(experts, name).detach().transpose(-1, -2)  # modelopt quantizes (E, out, in)
             if fmt == "mxfp4":
-                expected = fp4.mxfp4_fake_quant(raw, 32)
+                expected = torch_backend.mxfp4_fake_quant(raw, 32)
             else:
                 assert quantizer._amax.numel() == 1  # calibrated per-tensor global amax
-                expected = fp4.nvfp4_fake_quant(raw, 32, quantizer._amax)
+                expected = torch_backend.nvfp4_fake_quant(raw, 32, quantizer._amax)
             with experts.quantize_weight():
                 used = getattr(experts, name).detach()
             assert_bit_equal(used, expected.transpose(-1, -2))

@@ -1,4 +1,4 @@
-"""GPU cross-check of engine/fp4.py: the reference QTensors (must be bit-exact) and modelopt's kernels.
+"""GPU cross-check of engine/fp4/torch_backend.py: the reference QTensors (must be bit-exact) and modelopt's kernels.
 
 Run on a CUDA machine: `FP4_GPU_REPORT=fp4_gpu.json python -m pytest -m gpu tests/test_fp4_gpu.py -s`.
 What `mtq.quantize` runs on CUDA differs from the reference QTensors that modelopt exports with.
@@ -25,7 +25,7 @@ from modelopt.torch.quantization.config import QuantizerAttributeConfig
 from modelopt.torch.quantization.nn import TensorQuantizer
 from test_fp4 import assert_bit_equal, bits, crafted_cases, random_weights, ref_mx, ref_nv
 
-from engine import fp4
+from engine.fp4 import torch_backend
 
 pytestmark = [
     pytest.mark.gpu,
@@ -116,11 +116,11 @@ def block_view(t: torch.Tensor, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("fmt, block", [("mx", 32), ("mx", 16), ("nv", 32), ("nv", 16)])
 def test_ours_bit_exact_with_reference_qtensor_on_gpu(case, fmt, block):
     x = make_input(case)
-    ours = fp4.mxfp4_fake_quant(x, block) if fmt == "mx" else fp4.nvfp4_fake_quant(x, block)
+    ours = torch_backend.mxfp4_fake_quant(x, block) if fmt == "mx" else torch_backend.nvfp4_fake_quant(x, block)
     assert ours.is_cuda
     assert_bit_equal(ours, reference(fmt, x, block))
     if x.numel() < 1 << 20:  # same code on CPU: float32 log2 may differ between devices, so record it
-        on_cpu = fp4.mxfp4_fake_quant(x.cpu(), block) if fmt == "mx" else fp4.nvfp4_fake_quant(x.cpu(), block)
+        on_cpu = torch_backend.mxfp4_fake_quant(x.cpu(), block) if fmt == "mx" else torch_backend.nvfp4_fake_quant(x.cpu(), block)
         where = (bits(on_cpu) != bits(ours.cpu())).nonzero()[:4].tolist()
         REPORT[f"cpu_vs_gpu/{fmt}{block}/{case}"] = {
             "mismatches": int((bits(on_cpu) != bits(ours.cpu())).sum()),
@@ -130,9 +130,9 @@ def test_ours_bit_exact_with_reference_qtensor_on_gpu(case, fmt, block):
 
 def test_encode_decode_on_gpu_matches_fake_quant():
     x = make_input("gpt_oss_20b_bf16")[:2]
-    blocks, scales = fp4.mxfp4_encode(x, 32)
+    blocks, scales = torch_backend.mxfp4_encode(x, 32)
     assert blocks.is_cuda and scales.is_cuda
-    assert_bit_equal(fp4.mxfp4_decode(blocks, scales, torch.bfloat16), fp4.mxfp4_fake_quant(x, 32))
+    assert_bit_equal(torch_backend.mxfp4_decode(blocks, scales, torch.bfloat16), torch_backend.mxfp4_fake_quant(x, 32))
 
 
 # ------------------------------------------------------------------- modelopt's MX CUDA extension
@@ -140,7 +140,7 @@ def test_encode_decode_on_gpu_matches_fake_quant():
 
 def kernel_e8m0_exponent(blocks: torch.Tensor) -> torch.Tensor:
     """compute_scale_e8m0_NV of tensor_quant_mx.cu: exact ceil(log2(amax / 6)) from the float bits."""
-    ratio = fp4._block_amax(blocks) / 6.0
+    ratio = torch_backend._block_amax(blocks) / 6.0
     ratio_bits = ratio.view(torch.int32)
     exp_field, mantissa = (ratio_bits >> 23) & 0xFF, ratio_bits & 0x7FFFFF
     round_up = (mantissa > 0) & (exp_field != 0xFE) & ~((exp_field == 0) & (mantissa <= 0x400000))
@@ -152,7 +152,7 @@ def classify_mx(kernel: torch.Tensor, ref: torch.Tensor, x: torch.Tensor, block:
     for k, r, xs in zip(*(torch.split(t, SLICE) for t in (kernel, ref, x))):
         k, r, blocks = block_view(k, block), block_view(r, block), block_view(xs, block)
         diff = bits(k) != bits(r)
-        exponent = fp4._mx_exponent(blocks)
+        exponent = torch_backend._mx_exponent(blocks)
         exponent_differs = (kernel_e8m0_exponent(blocks) != exponent).expand_as(diff)
         scaled = (blocks / torch.exp2(exponent)).abs()
         at_odd_midpoint = (scaled == 0.75) | (scaled == 1.75) | (scaled == 3.5)
@@ -188,7 +188,7 @@ def classify_nv(kernel: torch.Tensor, x: torch.Tensor, global_amax: torch.Tensor
     """Attribute differences from the config-block reference: block 16 first, then per-16-block causes."""
     ref_config = reference("nv", x, config_block, global_amax)
     ref_16 = reference("nv", x, 16, global_amax)
-    global_scale = fp4.nvfp4_global_scale(x, global_amax)
+    global_scale = torch_backend.nvfp4_global_scale(x, global_amax)
     counts = {"elements": x.numel(), "block_16_not_config_block": 0, "signed_zero": 0, "small_block_scale": 0,
               "division_at_midpoint": 0, "unexplained": 0}
     for k, rc, r16, xs in zip(*(torch.split(t, SLICE) for t in (kernel, ref_config, ref_16, x))):
@@ -197,11 +197,11 @@ def classify_nv(kernel: torch.Tensor, x: torch.Tensor, global_amax: torch.Tensor
         diff_16 = bits(k) != bits(r16)
         counts["block_16_not_config_block"] += int((diff_config & ~diff_16).sum())
         signed_zero = diff_16 & (k == 0) & (r16 == 0)
-        per_block = fp4._block_amax(blocks) / (6.0 * global_scale)
-        small = ((per_block < 2**-9) | (fp4._nv_block_scale(blocks, global_scale) < 1e-5)).expand_as(k)
+        per_block = torch_backend._block_amax(blocks) / (6.0 * global_scale)
+        small = ((per_block < 2**-9) | (torch_backend._nv_block_scale(blocks, global_scale) < 1e-5)).expand_as(k)
         counts["signed_zero"] += int(signed_zero.sum())
         counts["small_block_scale"] += int((diff_16 & ~signed_zero & small).sum())
-        midpoint = near_e2m1_midpoint(blocks / fp4._nv_block_scale(blocks, global_scale)) & ~small
+        midpoint = near_e2m1_midpoint(blocks / torch_backend._nv_block_scale(blocks, global_scale)) & ~small
         counts["division_at_midpoint"] += int((diff_16 & ~signed_zero & midpoint).sum())
         unexplained = diff_16 & ~signed_zero & ~small & ~midpoint
         counts["unexplained"] += int(unexplained.sum())
@@ -213,8 +213,8 @@ def classify_nv(kernel: torch.Tensor, x: torch.Tensor, global_amax: torch.Tensor
 def nv_examples(mask: torch.Tensor, blocks: torch.Tensor, kernel: torch.Tensor, ref: torch.Tensor, global_scale) -> list:
     """A few differing elements with the numbers needed to see why (for the JSON report)."""
     rows, cols = mask.nonzero()[:5].unbind(-1)
-    per_block = fp4._block_amax(blocks[rows]) / (6.0 * global_scale)
-    block_scale = fp4._nv_block_scale(blocks[rows], global_scale)
+    per_block = torch_backend._block_amax(blocks[rows]) / (6.0 * global_scale)
+    block_scale = torch_backend._nv_block_scale(blocks[rows], global_scale)
     return [
         {"x": blocks[r, c].item(), "kernel": kernel[r, c].item(), "reference": ref[r, c].item(),
          "per_block_scale": pb.item(), "fp8_block_scale": (bs / global_scale).item(),
@@ -256,8 +256,8 @@ def test_speed_report():
     x = make_input("gpt_oss_20b_normal_bf16")
     amax = x.abs().amax().float()
     candidates = {
-        "ours_mxfp4": lambda: fp4.mxfp4_fake_quant(x, 32),
-        "ours_nvfp4": lambda: fp4.nvfp4_fake_quant(x, 32, amax),
+        "ours_mxfp4": lambda: torch_backend.mxfp4_fake_quant(x, 32),
+        "ours_nvfp4": lambda: torch_backend.nvfp4_fake_quant(x, 32, amax),
         "modelopt_mx_cuda_ext": lambda: tensor_quant.dynamic_block_quant(x, 32, None, None, (2, 1), (8, 0)),
         "modelopt_nvfp4_triton_block16": lambda: tensor_quant.dynamic_block_quant(x, 32, amax, None, (2, 1), (4, 3)),
     }

@@ -19,8 +19,8 @@ pytest.importorskip("triton", reason="triton is not installed (pip install trito
 SCRIPT = r"""
 import json, sys
 import torch
-from engine import fp4
-from engine.fp4_triton import fake_quant_3d, fake_quant_last_dim
+from engine.fp4 import torch_backend
+from engine.fp4.triton_kernel import fake_quant_3d, fake_quant_last_dim
 from tests.test_fp4 import crafted_cases, random_weights
 
 def bits(t):
@@ -32,18 +32,18 @@ for dtype in (torch.bfloat16, torch.float32):
     amax = w.abs().amax().float()
     t = w.transpose(1, 2).contiguous()
     for kind, block in (("mx", 32), ("nv", 32), ("nv", 16)):
-        scale = fp4.nvfp4_global_scale(w, amax) if kind == "nv" else None
+        scale = torch_backend.nvfp4_global_scale(w, amax) if kind == "nv" else None
         got = fake_quant_3d(w, kind, block, scale)
-        ref = (fp4.mxfp4_fake_quant(t, block) if kind == "mx" else fp4.nvfp4_fake_quant(t, block, amax)).transpose(1, 2)
+        ref = (torch_backend.mxfp4_fake_quant(t, block) if kind == "mx" else torch_backend.nvfp4_fake_quant(t, block, amax)).transpose(1, 2)
         out[f"{kind}{block}/{dtype}/experts"] = int((bits(got) != bits(ref.contiguous())).sum())
     for name, x in crafted_cases(32).items():
         if name == "tiny":  # subnormal inputs: the interpreter's bf16 -> fp32 load flushes them (the GPU test checks them)
             continue
         x = x.to(dtype)
         for kind in ("mx", "nv"):
-            scale = fp4.nvfp4_global_scale(x) if kind == "nv" else None
+            scale = torch_backend.nvfp4_global_scale(x) if kind == "nv" else None
             got = fake_quant_last_dim(x, kind, 32, scale)
-            ref = fp4.mxfp4_fake_quant(x, 32) if kind == "mx" else fp4.nvfp4_fake_quant(x, 32)
+            ref = torch_backend.mxfp4_fake_quant(x, 32) if kind == "mx" else torch_backend.nvfp4_fake_quant(x, 32)
             out[f"{kind}/{dtype}/{name}"] = int((bits(got) != bits(ref)).sum())
 print(json.dumps(out))
 """

@@ -1,4 +1,4 @@
-"""GPU: the fused Triton FP4 kernel (engine/fp4_triton.py) and the QAT path the app runs on CUDA.
+"""GPU: the fused Triton FP4 kernel (engine/fp4/triton_kernel.py) and the QAT path the app runs on CUDA.
 
 - kernel values bit-exact with the torch-ops backend and modelopt's reference QTensors, on gpt-oss-20b expert
   shapes, in the (E, in, out) layout the experts keep (blocks along dim 1) and along the last dim;
@@ -18,7 +18,7 @@ import pytest
 import torch
 from test_fp4 import assert_bit_equal, crafted_cases, random_weights, ref_mx, ref_nv
 
-from engine import fp4, quant
+from engine.fp4 import torch_backend, modelopt_glue
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,19 +28,19 @@ pytestmark = [
 
 def torch_ops(kind, x, block, global_amax=None):
     if kind == "mx":
-        return fp4.mxfp4_fake_quant(x, block, use_triton=False)
-    return fp4.nvfp4_fake_quant(x, block, global_amax, use_triton=False)
+        return torch_backend.mxfp4_fake_quant(x, block, use_triton=False)
+    return torch_backend.nvfp4_fake_quant(x, block, global_amax, use_triton=False)
 
 
 @pytest.mark.parametrize("kind, block", [("mx", 32), ("nv", 32), ("nv", 16)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_kernel_on_expert_layout_matches_torch_ops_and_reference(kind, block, dtype):
-    from engine.fp4_triton import fake_quant_3d
+    from engine.fp4.triton_kernel import fake_quant_3d
 
     shape = (32, 2880, 5760) if dtype == torch.bfloat16 else (4, 512, 256)  # (E, in, out), as GptOssExperts keeps it
     w = random_weights(shape, dtype, seed=3).cuda()
     amax = w.abs().amax().float()
-    got = fake_quant_3d(w, kind, block, fp4.nvfp4_global_scale(w, amax) if kind == "nv" else None)
+    got = fake_quant_3d(w, kind, block, torch_backend.nvfp4_global_scale(w, amax) if kind == "nv" else None)
     transposed = w.transpose(1, 2).contiguous()  # what modelopt's wrapper quantizes: blocks along the last dim
     expected = torch_ops(kind, transposed, block, amax).transpose(1, 2)
     assert_bit_equal(got, expected.contiguous())
@@ -54,7 +54,7 @@ def test_kernel_on_expert_layout_matches_torch_ops_and_reference(kind, block, dt
 def test_kernel_on_crafted_blocks(kind, dtype):
     for name, x in crafted_cases(32).items():
         x = x.to(dtype).cuda()
-        got = fp4.mxfp4_fake_quant(x, 32) if kind == "mx" else fp4.nvfp4_fake_quant(x, 32)
+        got = torch_backend.mxfp4_fake_quant(x, 32) if kind == "mx" else torch_backend.nvfp4_fake_quant(x, 32)
         assert_bit_equal(got, torch_ops(kind, x, 32))
 
 
@@ -70,16 +70,16 @@ def tiny_model(dtype):
 
 def quantized(model, fmt, backend):
     batch = torch.randint(0, 512, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    return quant.quantize(copy.deepcopy(model), fmt, lambda m: m(input_ids=batch), backend)
+    return modelopt_glue.quantize(copy.deepcopy(model), fmt, lambda m: m(input_ids=batch), backend)
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["wrapper", "fast_experts"])
 def test_engine_path_equals_modelopt_cuda_path_without_ties(fast):
     """float32 weights have no exact E2M1 ties, the one place modelopt's MX CUDA kernel rounds differently."""
-    from engine import fast_experts
+    from engine.fp4 import fast_experts
 
     base = tiny_model(torch.float32)
-    ours = quantized(base, "mxfp4", quant.resolve_backend("auto", "cuda"))
+    ours = quantized(base, "mxfp4", modelopt_glue.resolve_backend("auto", "cuda"))
     if fast:
         assert fast_experts.enable(ours) == 2
     anchor = quantized(base, "mxfp4", None)
@@ -100,10 +100,10 @@ def test_engine_path_equals_modelopt_cuda_path_without_ties(fast):
 
 def test_fast_experts_bf16_logits_match_wrapper():
     """bf16 on an H100: the fast path's grouped_mm kernel vs the wrapper's per-expert matmuls, same weights."""
-    from engine import fast_experts
+    from engine.fp4 import fast_experts
 
     base = tiny_model(torch.bfloat16)
-    wrapper = quantized(base, "mxfp4", quant.resolve_backend("auto", "cuda"))
+    wrapper = quantized(base, "mxfp4", modelopt_glue.resolve_backend("auto", "cuda"))
     fast = copy.deepcopy(wrapper)
     fast_experts.enable(fast)
     tokens = torch.randint(0, 512, (2, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -116,9 +116,9 @@ def test_fast_experts_bf16_logits_match_wrapper():
 def test_short_qat_loss_curve_follows_modelopt_anchor(fmt):
     base = tiny_model(torch.bfloat16)
     curves = {}
-    from engine import fast_experts
+    from engine.fp4 import fast_experts
 
-    for name, backend in (("ours", quant.resolve_backend("auto", "cuda")), ("anchor", None)):
+    for name, backend in (("ours", modelopt_glue.resolve_backend("auto", "cuda")), ("anchor", None)):
         model = quantized(base, fmt, backend)
         if name == "ours":
             assert fast_experts.enable(model) == 2  # the path the app trains with

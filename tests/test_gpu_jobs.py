@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from engine import telemetry
+from engine.runtime import telemetry
 from storage import Store
 from tests.helpers import launch, stop_engines, wait_for
 

@@ -8,8 +8,8 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 import pytest  # noqa: E402
 from trl.chat_template_utils import has_generation_markers, is_chat_template_stop_token_trained  # noqa: E402
 
-from engine import harmony, tiny  # noqa: E402
-from engine.harmony import parse_completion  # noqa: E402
+from engine.data import harmony, embedded_model  # noqa: E402
+from engine.data.harmony import parse_completion  # noqa: E402
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -41,7 +41,7 @@ EXPECTED_MULTI = (
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return tiny.load_tokenizer()
+    return embedded_model.load_tokenizer()
 
 
 @pytest.mark.parametrize("messages, expected", [(CHAT, EXPECTED), (MULTI_TURN, EXPECTED_MULTI)])
@@ -96,7 +96,7 @@ def test_trl_accepts_the_template_for_assistant_only_loss(tokenizer):
 def test_eos_tokens_are_single_special_ids(tokenizer):
     assert set(harmony.EOS_TOKENS) == {"<|return|>", "<|call|>", "<|endoftext|>"}
     for token in harmony.SPECIAL_TOKENS:
-        assert tokenizer.encode(token, add_special_tokens=False) == [tiny.special_id(token)]
+        assert tokenizer.encode(token, add_special_tokens=False) == [embedded_model.special_id(token)]
 
 
 COMPLETION = "<|channel|>analysis<|message|>I need to add 7 and 5. The final sum is 12.<|end|>" \

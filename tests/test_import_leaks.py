@@ -1,4 +1,4 @@
-"""Importing modelopt must not pin the importer's locals (engine/import_leaks.py says why it did).
+"""Importing modelopt must not pin the importer's locals (engine/fp4/import_leaks.py says why it did).
 
 Each check runs in a fresh interpreter: modelopt's first import in the process is the one that matters."""
 
@@ -10,12 +10,12 @@ import sys
 
 import pytest
 
-from engine.workspace import REPO_ROOT
+from engine.runtime.workspace import REPO_ROOT
 
 CHECK = """
 import gc, sys, weakref
 import torch
-from engine import fp4, models, quant
+from engine.fp4 import torch_backend, model_io, modelopt_glue
 
 def import_while_holding(first_import):
     tensor = torch.zeros(1 << 20)  # stands for the model a stage holds when it first touches modelopt
@@ -30,7 +30,7 @@ print("pulp keeps", len(kept), "exceptions;", "alive" if ref() is not None else 
 """
 
 
-@pytest.mark.parametrize("call", ["quant.mtq", "models.enable_modelopt_checkpointing"])  # the two usual first imports
+@pytest.mark.parametrize("call", ["modelopt_glue.mtq", "model_io.enable_modelopt_checkpointing"])  # the two usual first imports
 def test_the_first_modelopt_import_frees_the_callers_locals(call):
     out = subprocess.run([sys.executable, "-c", CHECK.format(call=call)], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -12,13 +12,14 @@ from test_real_checkpoint import (  # noqa: F401 - one_thread is a fixture
     make_mxfp4_checkpoint, make_small_data, one_thread, recipe_for, stage_context)
 from transformers import Mxfp4Config
 
-from engine import lora, models, quant
-from engine.configs import TrainConfig
-from engine.export_mxfp4 import load_export
+from engine.training import lora
+from engine.fp4 import model_io, modelopt_glue
+from engine.recipe.configs import TrainConfig
+from engine.fp4.export_mxfp4 import load_export
 from storage import Store
 
 LORA = {"lora": True, "lora_r": 4, "lora_alpha": 8, "lora_target_experts": True, "lora_expert_layers": [1]}
-EXPERTS = [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in quant.EXPERT_WEIGHTS]
+EXPERTS = [f"model.layers.{i}.mlp.experts.{w}" for i in (0, 1) for w in modelopt_glue.EXPERT_WEIGHTS]
 
 
 def test_expert_targets_and_config():
@@ -55,8 +56,8 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         prepare.run(ctx)
         run = dict(run_id=ctx.run_id)
         sft.run(stage_context(store, ctx.run_dir, recipe, "sft", **run))
-        base = models.load_model(checkpoint, torch.float32, torch.device("cpu"))
-        tuned = models.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
+        base = model_io.load_model(checkpoint, torch.float32, torch.device("cpu"))
+        tuned = model_io.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
         changed = {n for n in EXPERTS if not torch.equal(base.get_parameter(n), tuned.get_parameter(n))}
         assert changed == {EXPERTS[2], EXPERTS[3]}  # merged adapters on layer 1's experts only
         q_proj = "model.layers.0.self_attn.q_proj.weight"
@@ -85,7 +86,7 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         assert set(computed) == set(EXPERTS[2:])
 
         merged, _ = _open(ctx, "qat:mxfp4")
-        effective = quant.effective_expert_weights(merged)
+        effective = modelopt_glue.effective_expert_weights(merged)
         for name, weight in computed.items():
             assert torch.equal(effective[name], weight), name  # merge + fake quant == what QAT trained with
         prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(0))

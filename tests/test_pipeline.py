@@ -72,7 +72,7 @@ def test_training_metrics_and_logs_are_recorded(resumed_run):
 def test_qat_trained_the_quantized_model(resumed_run):
     """QAT changed the weights, and the model it saved still carries its quantizers (modelopt state)."""
     store, run_id, _ = resumed_run
-    from engine.evaluation import load_expert_weights
+    from engine.evaluation.evaluator import load_expert_weights
 
     run_dir = Path(store.get_run(run_id)["run_dir"])
     ptq = load_expert_weights(run_dir / "models" / "ptq-mxfp4")

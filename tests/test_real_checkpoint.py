@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import fp4, models
-from engine.configs import Recipe
-from engine.context import Context
+from engine.fp4 import torch_backend, model_io
+from engine.recipe.configs import Recipe
+from engine.runtime.context import Context
 from storage import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +30,8 @@ def make_mxfp4_checkpoint(out: Path, seed: int = 0):
     """The tiny gpt-oss (random init) + its harmony tokenizer, exported in OpenAI's MXFP4 layout. Returns the model."""
     from transformers import GptOssForCausalLM
 
-    from engine.export_mxfp4 import export_mxfp4
-    from engine.tiny import VOCAB_SIZE, generation_config, load_tokenizer, tiny_config
+    from engine.fp4.export_mxfp4 import export_mxfp4
+    from engine.data.embedded_model import VOCAB_SIZE, generation_config, load_tokenizer, tiny_config
 
     torch.manual_seed(seed)
     model = GptOssForCausalLM(tiny_config(VOCAB_SIZE))
@@ -55,7 +55,7 @@ def make_small_data(out: Path, train: int = 80, held_out: int = 16) -> tuple[Pat
 
 def recipe_for(checkpoint: Path, train: Path, held_out: Path, **overrides) -> Recipe:
     """The smoke recipe on the generated checkpoint and the small data, CPU, MXFP4 only."""
-    from engine.recipe import load_recipe
+    from engine.recipe.files import load_recipe
 
     base = {"model.source": str(checkpoint), "data.source": str(train), "data.eval_source": str(held_out),
             "ptq.formats": ["mxfp4"], "hardware.device": "cpu"}
@@ -108,12 +108,12 @@ def test_generated_checkpoint_has_openais_layout(assets):
 
 def test_loads_upcast_with_its_tokenizer(assets):
     """Mxfp4Config(dequantize=True): float experts equal to MXFP4 of the source weights; the checkpoint's tokenizer."""
-    model = models.load_model(assets["checkpoint"], torch.float32, torch.device("cpu"))
+    model = model_io.load_model(assets["checkpoint"], torch.float32, torch.device("cpu"))
     source = assets["model"].model.layers[0].mlp.experts.gate_up_proj.detach()
-    expected = fp4.mxfp4_fake_quant(source.transpose(-1, -2), 32).transpose(-1, -2)
+    expected = torch_backend.mxfp4_fake_quant(source.transpose(-1, -2), 32).transpose(-1, -2)
     loaded = model.model.layers[0].mlp.experts.gate_up_proj
     assert loaded.dtype == torch.float32 and torch.equal(loaded, expected)
-    tokenizer = models.load_tokenizer(assets["checkpoint"])
+    tokenizer = model_io.load_tokenizer(assets["checkpoint"])
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                          add_generation_prompt=True)
     assert text == "<|start|>user<|message|>hi<|end|><|start|>assistant"
@@ -134,8 +134,8 @@ def test_prepare_validates_and_sft_trains_from_it(assets, tmp_path, one_thread):
         metrics = sft.run(ctx)
         losses = [r["value"] for r in store.metrics(job_id=ctx.job_id, names=["loss"])]
         assert len(losses) == 4 and losses[-1] < losses[0]  # it learned from the upcast MXFP4 weights
-        trained = models.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
-        assert metrics["eval_loss"] > 0 and not models.is_mxfp4_checkpoint(ctx.model_dir("sft"))
+        trained = model_io.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
+        assert metrics["eval_loss"] > 0 and not model_io.is_mxfp4_checkpoint(ctx.model_dir("sft"))
         assert not torch.equal(trained.model.layers[0].mlp.experts.gate_up_proj,
                                assets["model"].model.layers[0].mlp.experts.gate_up_proj)
 
@@ -153,18 +153,18 @@ def test_prepare_names_what_is_wrong(assets, tmp_path):
     del tensors["model.layers.1.mlp.experts.gate_up_proj_scales"]
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.gate_up_proj_scales missing"):
-        models.check_gpt_oss_checkpoint(broken)
+        model_io.check_gpt_oss_checkpoint(broken)
 
     no_template = _copy(assets["checkpoint"], tmp_path / "no-template")
     config = json.loads((no_template / "tokenizer_config.json").read_text())
     del config["chat_template"]
     (no_template / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no chat template"):
-        models.check_gpt_oss_checkpoint(no_template)
+        model_io.check_gpt_oss_checkpoint(no_template)
 
     wrong_shape = _copy(assets["checkpoint"], tmp_path / "wrong-shape")
     config = json.loads((wrong_shape / "config.json").read_text())
     config["intermediate_size"] = 64
     (wrong_shape / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"gate_up_proj_blocks has shape \(4, 256, 4, 16\), the config implies"):
-        models.check_gpt_oss_checkpoint(wrong_shape)
+        model_io.check_gpt_oss_checkpoint(wrong_shape)

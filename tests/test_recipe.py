@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli_flags import add_recipe_flags, leaf_fields, overrides_from_args
-from engine.configs import Recipe
-from engine.recipe import RecipeError, load_recipe, parse_recipe, recipe_to_yaml
+from cli.flags import add_recipe_flags, leaf_fields, overrides_from_args
+from engine.recipe.configs import Recipe
+from engine.recipe.files import RecipeError, load_recipe, parse_recipe, recipe_to_yaml
 
 DEMO = Path(__file__).resolve().parent.parent / "assets" / "recipes" / "demo.yaml"
 

@@ -51,7 +51,7 @@ def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tmp_path):
         os.environ["HF_HUB_OFFLINE"] = "1"
         import torch
         from transformers import GptOssConfig, GptOssForCausalLM, Trainer, TrainingArguments
-        from engine.training import atomic_trainer
+        from engine.training.hf_trainer import atomic_trainer
         atomic = sys.argv[1] == "atomic"
         cfg = GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=2,
@@ -76,7 +76,7 @@ def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tmp_path):
                               timeout=300)
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         results[mode] = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-"))
-    from engine.training import latest_checkpoint
+    from engine.training.hf_trainer import latest_checkpoint
 
     assert results["atomic"] == ["checkpoint-2"]  # the interrupted checkpoint-4 never appeared
     assert latest_checkpoint(tmp_path / "atomic").name == "checkpoint-2"

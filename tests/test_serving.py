@@ -1,6 +1,6 @@
 """Serving, for real: a reduced demo run (the engine's own SFT -> PTQ -> QAT -> export stages, in this process, on a
 few demo conversations), its MXFP4 export served by `transformers serve` on a free loopback port, talked to through
-engine.chat (the openai client). No mocks; every process started is stopped.
+engine.serving.chat (the openai client). No mocks; every process started is stopped.
 
 The reduced run starts from the tiny base pre-trained briefly (40 steps, cached in test-artifacts/browser-cache like
 the browser test's) and fine-tunes on TRAINED_ROWS language-task conversations until it answers them: the served
@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import harmony, serving
-from engine.chat import ChatClient
-from engine.servers.backends import BACKENDS, ExternalEndpoint
-from engine.servers.formats import Finding, check_compatibility, inspect_checkpoint
-from engine.workspace import REPO_ROOT
+from engine.data import harmony
+from engine.serving import server_process
+from engine.serving.chat import ChatClient
+from engine.serving.backends import BACKENDS, ExternalEndpoint
+from engine.serving.formats import Finding, check_compatibility, inspect_checkpoint
+from engine.runtime.workspace import REPO_ROOT
 from storage import Store
 from storage.db import StorageError
 
@@ -35,7 +36,7 @@ SECRET = "sk-test-NEVER-STORE-4242"
 
 @pytest.fixture(scope="module")
 def tiny_base() -> Path:
-    from engine.tiny import ensure_tiny_base
+    from engine.data.embedded_model import ensure_tiny_base
 
     return ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
 
@@ -49,9 +50,9 @@ def demo_run(tiny_base, tmp_path_factory) -> dict:
     model as trained (fp32, fake-quantized), the export dir and the conversations it was trained on."""
     from test_real_checkpoint import stage_context
 
-    from engine.recipe import load_recipe
+    from engine.recipe.files import load_recipe
     from engine.stages import common, export, prepare, ptq, qat, sft
-    from engine.workspace import export_dir
+    from engine.runtime.workspace import export_dir
 
     root = tmp_path_factory.mktemp("demo-run")
     with open(REPO_ROOT / "assets" / "datasets" / "language.jsonl") as f:
@@ -93,9 +94,9 @@ def store(tmp_path_factory) -> Store:
 
 @pytest.fixture(scope="module")
 def server(store, mx_export):
-    row = serving.start_server(store, mx_export, "transformers", timeout=180)
+    row = server_process.start_server(store, mx_export, "transformers", timeout=180)
     yield row
-    serving.stop_server(store, row["id"])
+    server_process.stop_server(store, row["id"])
 
 
 @pytest.fixture(scope="module")
@@ -112,24 +113,24 @@ def in_process(mx_export):
 
 
 def test_commands_and_options_for_every_backend(mx_export) -> None:
-    plan = serving.plan_server(mx_export, "transformers", port=8123)
+    plan = server_process.plan_server(mx_export, "transformers", port=8123)
     assert plan.command.startswith(f"transformers serve {mx_export} --device cpu --dtype auto")
     assert "--host 127.0.0.1 --port 8123" in plan.command and not plan.errors
     assert plan.info.format == "mxfp4" and plan.info.harmony and not plan.info.response_template
-    trt = serving.plan_server(mx_export, "trtllm", port=8124, options={"tp_size": 2, "max_batch_size": 16,
+    trt = server_process.plan_server(mx_export, "trtllm", port=8124, options={"tp_size": 2, "max_batch_size": 16,
                                                                        "kv_cache_free_gpu_memory_fraction": 0.5})
     for flag in ("--tp_size 2", "--pp_size 1", "--max_batch_size 16", "--max_num_tokens 2048",
                  "--kv_cache_free_gpu_memory_fraction 0.5", "--backend pytorch"):
         assert flag in trt.command
-    assert serving.plan_server(mx_export, "vllm").command.startswith(f"vllm serve {mx_export} --host 127.0.0.1")
-    assert "-m sglang.launch_server --model-path" in serving.plan_server(mx_export, "sglang").command
+    assert server_process.plan_server(mx_export, "vllm").command.startswith(f"vllm serve {mx_export} --host 127.0.0.1")
+    assert "-m sglang.launch_server --model-path" in server_process.plan_server(mx_export, "sglang").command
     for name in ("vllm", "sglang", "trtllm"):  # none is installed here (and there is no GPU): said, command shown
-        plan = serving.plan_server(mx_export, name)
+        plan = server_process.plan_server(mx_export, name)
         assert not plan.installed and any("not installed" in e for e in plan.errors) and plan.command
     with pytest.raises(ValueError):  # typed options: unknown fields (e.g. a key) and out-of-range values refused
-        serving.plan_server(mx_export, "trtllm", options={"api_key": SECRET})
+        server_process.plan_server(mx_export, "trtllm", options={"api_key": SECRET})
     with pytest.raises(ValueError):
-        serving.plan_server(mx_export, "trtllm", options={"kv_cache_free_gpu_memory_fraction": 1.5})
+        server_process.plan_server(mx_export, "trtllm", options={"kv_cache_free_gpu_memory_fraction": 1.5})
 
 
 def _fake_checkpoint(tmp_path: Path, qcfg: dict | None) -> Path:
@@ -169,8 +170,8 @@ def test_format_detection_and_what_it_needs(tmp_path, qcfg, fmt) -> None:
 
 
 def test_non_loopback_host_only_when_asked(store, mx_export) -> None:
-    with pytest.raises(serving.ServingError, match="network"):
-        serving.start_server(store, mx_export, host="0.0.0.0")
+    with pytest.raises(server_process.ServingError, match="network"):
+        server_process.start_server(store, mx_export, host="0.0.0.0")
     assert store.list_servers() == [] or all(r["host"] != "0.0.0.0" for r in store.list_servers())
 
 
@@ -178,7 +179,7 @@ def test_non_loopback_host_only_when_asked(store, mx_export) -> None:
 
 
 def test_chat_streams_analysis_then_final(server) -> None:
-    assert server["status"] == "running" and serving.is_healthy(server)
+    assert server["status"] == "running" and server_process.is_healthy(server)
     client = ChatClient(server["base_url"], backend="transformers")
     events = list(client.stream_chat(QUESTION, reasoning_language="French", reasoning_effort="low", max_tokens=64))
     kinds = [e.kind for e in events]
@@ -200,7 +201,7 @@ def test_chat_streams_analysis_then_final(server) -> None:
 def test_served_model_gives_the_trained_answers(server, demo_run) -> None:
     """Each conversation the reduced run was trained on, asked through the app's chat code: the served export must
     pass them by the evaluation's own rule (final answer, reasoning in the requested language)."""
-    from engine.scoring import judge, requested_language
+    from engine.evaluation.scoring import judge, requested_language
 
     client = ChatClient(server["base_url"], backend="transformers")
     verdicts = []
@@ -275,42 +276,42 @@ def test_a_server_that_cannot_load_fails_with_its_log(store, mx_export, tmp_path
     broken.mkdir()
     for item in mx_export.iterdir():
         (broken / item.name).write_bytes(item.read_bytes()[:1000] if item.suffix == ".safetensors" else item.read_bytes())
-    with pytest.raises(serving.ServingError, match="exited while starting") as failure:
-        serving.start_server(store, broken, timeout=180)
+    with pytest.raises(server_process.ServingError, match="exited while starting") as failure:
+        server_process.start_server(store, broken, timeout=180)
     assert "Traceback" in str(failure.value) or "Error" in str(failure.value)  # the log tail says why
     row = [r for r in store.list_servers() if r["model_path"] == str(broken)][0]
-    assert row["status"] == "failed" and not serving.group_alive(row["pid"])
+    assert row["status"] == "failed" and not server_process.group_alive(row["pid"])
 
 
 def test_stop_leaves_nothing_and_reconcile_marks_the_killed_one_gone(store, mx_export) -> None:
-    first = serving.start_server(store, mx_export, wait=False)
-    second = serving.start_server(store, mx_export, wait=False)
+    first = server_process.start_server(store, mx_export, wait=False)
+    second = server_process.start_server(store, mx_export, wait=False)
     try:
-        first = serving.wait_until_healthy(store, first["id"], timeout=180)
-        second = serving.wait_until_healthy(store, second["id"], timeout=180)
+        first = server_process.wait_until_healthy(store, first["id"], timeout=180)
+        second = server_process.wait_until_healthy(store, second["id"], timeout=180)
         os.killpg(first["pid"], signal.SIGKILL)  # e.g. the OOM killer, or a reboot
         time.sleep(0.5)
         # A restarted app: a new process that did not start these servers finds them by pid and command line.
-        code = ("import json, sys; from storage import Store; from engine.serving import reconcile_servers; "
+        code = ("import json, sys; from storage import Store; from engine.serving.server_process import reconcile_servers; "
                 "print(json.dumps([r['id'] for r in reconcile_servers(Store(sys.argv[1]))]))")
         out = subprocess.run([sys.executable, "-c", code, str(store.path)], cwd=REPO_ROOT, capture_output=True,
                              text=True, timeout=120, check=True)
         live = json.loads(out.stdout.strip().splitlines()[-1])
         assert second["id"] in live and first["id"] not in live  # (the module's server is live too)
-        assert serving.get_server(store, first["id"])["status"] == "gone"
-        assert serving.get_server(store, second["id"])["status"] == "running"
+        assert server_process.get_server(store, first["id"])["status"] == "gone"
+        assert server_process.get_server(store, second["id"])["status"] == "running"
     finally:
-        stopped = serving.stop_server(store, second["id"])
-        serving.stop_server(store, first["id"])
+        stopped = server_process.stop_server(store, second["id"])
+        server_process.stop_server(store, first["id"])
     assert stopped["status"] == "stopped" and stopped["stopped_at"]
     for row in (first, second):
-        assert not serving.group_alive(row["pid"]), f"processes of server {row['id']} are left"
+        assert not server_process.group_alive(row["pid"]), f"processes of server {row['id']} are left"
         with pytest.raises(ProcessLookupError):
             os.kill(row["pid"], 0)
 
 
 def test_launch_serve_foreground_until_ctrl_c(mx_export, tmp_path) -> None:
-    port = serving.free_port()
+    port = server_process.free_port()
     proc = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(tmp_path / "ws"), "serve", str(mx_export),
                              "--port", str(port)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -332,7 +333,7 @@ def test_launch_serve_foreground_until_ctrl_c(mx_export, tmp_path) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert [r["status"] for r in Store(tmp_path / "ws" / "studio.db").list_servers()] == ["stopped"]
-    assert not serving.group_alive(rows[0]["pid"])
+    assert not server_process.group_alive(rows[0]["pid"])
 
 
 def test_bench_runs_on_cpu_with_a_tiny_model(tmp_path) -> None:
@@ -348,7 +349,7 @@ def test_bench_runs_on_cpu_with_a_tiny_model(tmp_path) -> None:
     assert all(r["status"] == "stopped" for r in Store(tmp_path / "ws" / "studio.db").list_servers())
     from transformers import Mxfp4Config
 
-    from engine.export_mxfp4 import load_export
+    from engine.fp4.export_mxfp4 import load_export
 
     # The random checkpoint is a well-formed MXFP4 export: every key present, nothing unexpected.
     load_export(tmp_path / "ws" / "model-mxfp4", torch.bfloat16, quantization_config=Mxfp4Config(dequantize=True))

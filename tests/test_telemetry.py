@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from engine import telemetry
-from engine.workspace import db_path
+from engine.runtime import telemetry
+from engine.runtime.workspace import db_path
 from storage import Store
 from ui import header
 
@@ -71,7 +71,7 @@ def test_recorder_thread_samples_periodically(workdir):
 
 
 def test_gpu_release_note_says_what_it_could_check():
-    from engine.telemetry import gpu_release_note, gpus
+    from engine.runtime.telemetry import gpu_release_note, gpus
 
     assert gpu_release_note({123}, []) == ""  # a CPU job: nothing to check
     found, note = gpus()
@@ -109,7 +109,7 @@ def test_gpu_release_note_names_a_process_still_holding_memory(fake_gpu):
 
 
 def test_serving_reads_the_same_gpus(fake_gpu):
-    from engine.servers.formats import detect_gpus, gpu_summary
+    from engine.serving.formats import detect_gpus, gpu_summary
 
     detect_gpus.cache_clear()
     try:

@@ -10,21 +10,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GptOssForCausalLM  # noqa: E402
 
-from engine import harmony, tiny  # noqa: E402
+from engine.data import harmony, embedded_model  # noqa: E402
 
 STEPS = 20  # enough to exercise the loop; the quality check at the default steps is run by hand, not here
 
 
 def test_tiny_config_mirrors_gpt_oss_in_miniature():
-    config = tiny.tiny_config(tiny.VOCAB_SIZE)
+    config = embedded_model.tiny_config(embedded_model.VOCAB_SIZE)
     assert config.intermediate_size % 32 == 0 and config.hidden_size % 32 == 0  # FP4 blocks of 32
     assert config.layer_types == ["sliding_attention", "full_attention"] and config.sliding_window == 64
     assert (config.num_local_experts, config.num_experts_per_tok) == (4, 2)
     assert config.architectures == ["GptOssForCausalLM"] and not config.tie_word_embeddings
-    assert config.eos_token_id == tiny.special_id("<|return|>")
-    assert config.pad_token_id == tiny.special_id("<|endoftext|>")
+    assert config.eos_token_id == embedded_model.special_id("<|return|>")
+    assert config.pad_token_id == embedded_model.special_id("<|endoftext|>")
     model = GptOssForCausalLM(config)
-    assert tiny.count_parameters(model) == 1_021_328
+    assert embedded_model.count_parameters(model) == 1_021_328
     assert model.model.layers[0].self_attn.sinks.shape == (4,)  # attention sinks, as in the real model
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 128, 256)
 
@@ -42,7 +42,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     messages = []
-    path = tiny.ensure_tiny_base(tmp_path_factory.mktemp("cache"), steps=STEPS, log=messages.append, seed=0)
+    path = embedded_model.ensure_tiny_base(tmp_path_factory.mktemp("cache"), steps=STEPS, log=messages.append, seed=0)
     return path, messages
 
 
@@ -53,7 +53,7 @@ def test_base_is_loadable_offline_with_tokenizer_and_template(base_dir):
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert isinstance(model, GptOssForCausalLM)
     assert tokenizer.chat_template == harmony.CHAT_TEMPLATE
-    assert set(model.generation_config.eos_token_id) == {tiny.special_id(t) for t in harmony.EOS_TOKENS}
+    assert set(model.generation_config.eos_token_id) == {embedded_model.special_id(t) for t in harmony.EOS_TOKENS}
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 plus 3?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
@@ -64,7 +64,7 @@ def test_second_call_returns_the_cache_without_training(base_dir):
     path, _ = base_dir
     messages = []
     started = time.perf_counter()
-    again = tiny.ensure_tiny_base(path.parent, steps=STEPS, log=messages.append, seed=0)
+    again = embedded_model.ensure_tiny_base(path.parent, steps=STEPS, log=messages.append, seed=0)
     assert again == path and time.perf_counter() - started < 5
     assert not any("pretrain step" in m for m in messages)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp directory left behind
@@ -72,7 +72,7 @@ def test_second_call_returns_the_cache_without_training(base_dir):
 
 def test_pretraining_is_deterministic(base_dir, tmp_path):
     path, _ = base_dir
-    again = tiny.ensure_tiny_base(tmp_path, steps=STEPS, log=lambda _: None, seed=0)
+    again = embedded_model.ensure_tiny_base(tmp_path, steps=STEPS, log=lambda _: None, seed=0)
     first = AutoModelForCausalLM.from_pretrained(path).state_dict()
     second = AutoModelForCausalLM.from_pretrained(again).state_dict()
     assert first.keys() == second.keys()
@@ -80,8 +80,8 @@ def test_pretraining_is_deterministic(base_dir, tmp_path):
 
 
 def test_cache_key_tracks_steps_and_seed():
-    keys = {tiny.cache_key(10, 0), tiny.cache_key(11, 0), tiny.cache_key(10, 1)}
-    assert len(keys) == 3 and tiny.cache_key(10, 0) == tiny.cache_key(10, 0)
+    keys = {embedded_model.cache_key(10, 0), embedded_model.cache_key(11, 0), embedded_model.cache_key(10, 1)}
+    assert len(keys) == 3 and embedded_model.cache_key(10, 0) == embedded_model.cache_key(10, 0)
 
 
 def test_interrupted_pretraining_leaves_no_cache(tmp_path):
@@ -89,5 +89,5 @@ def test_interrupted_pretraining_leaves_no_cache(tmp_path):
         if "pretrain step" in message:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        tiny.ensure_tiny_base(tmp_path, steps=STEPS, log=crash, seed=1)
+        embedded_model.ensure_tiny_base(tmp_path, steps=STEPS, log=crash, seed=1)
     assert list(tmp_path.iterdir()) == []

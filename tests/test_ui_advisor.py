@@ -1,10 +1,10 @@
-"""The recipe advisor (engine/advisor.py): each warning fires for its case only and says why; the QAT recovery rule."""
+"""The recipe advisor (engine/training/recipe_advisor.py): each warning fires for its case only and says why; the QAT recovery rule."""
 
 from __future__ import annotations
 
-from engine.advisor import planned_steps, qat_recovery, recipe_advice
-from engine.configs import Recipe
-from engine.recipe import load_recipe
+from engine.training.recipe_advisor import planned_steps, qat_recovery, recipe_advice
+from engine.recipe.configs import Recipe
+from engine.recipe.files import load_recipe
 from ui.state import RECIPES_DIR
 
 DEMO = load_recipe(RECIPES_DIR / "demo.yaml")

@@ -8,10 +8,10 @@ import shlex
 import gradio as gr
 import pytest
 
-from engine.cli_flags import leaf_fields, overrides_from_args
-from engine.configs import (FORMAT_LABELS, DataConfig, EvalConfig, ExportConfig, HardwareConfig, ModelConfig,
+from cli.flags import leaf_fields, overrides_from_args
+from engine.recipe.configs import (FORMAT_LABELS, DataConfig, EvalConfig, ExportConfig, HardwareConfig, ModelConfig,
                             QATConfig, QuantConfig, Recipe, SFTConfig)
-from engine.recipe import RecipeError, load_recipe
+from engine.recipe.files import RecipeError, load_recipe
 from ui.forms import assemble, build_form, field_info
 from ui.state import RECIPES_DIR, recipe_command
 
@@ -154,5 +154,5 @@ def test_run_button_shows_the_engines_errors_inline(workdir):
     assert "Not started" in html and "sft.learning_rate: Input should be greater than 0" in html
     data[state.forms["sft"].components["learning_rate"]] = 1e-4
     html, run_update = start_sft(state, data)
-    assert "missing.jsonl" in html and "file not found" in html  # engine.data's check, before any run exists
+    assert "missing.jsonl" in html and "file not found" in html  # engine.data.chat_data's check, before any run exists
     assert state.store().list_runs() == []

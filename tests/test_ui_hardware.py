@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from engine.estimate import estimate_recipe
-from engine.recipe import load_recipe
+from engine.training.estimate import estimate_recipe
+from engine.recipe.files import load_recipe
 from ui import hardware, views
 from ui.state import RECIPES_DIR, AppState
 
@@ -87,7 +87,7 @@ def test_launch_commands_of_a_started_job_are_listed():
 
 
 def test_the_whole_app_builds_on_a_gpu_machine(workdir, fake_gpu, monkeypatch):
-    """On a real H100 the app did not build: the hardware panel's GPU listing raised (fixed in engine/telemetry.py)."""
+    """On a real H100 the app did not build: the hardware panel's GPU listing raised (fixed in engine/runtime/telemetry.py)."""
     from ui import header
     from ui.app import build_app
 

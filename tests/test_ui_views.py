@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from engine.configs import Recipe
-from engine.pipeline import enqueue, job_key
-from engine.workspace import REPO_ROOT, db_path
+from engine.recipe.configs import Recipe
+from engine.runtime.pipeline import enqueue, job_key
+from engine.runtime.workspace import REPO_ROOT, db_path
 from storage import Store
 from ui import run_data, views
 from ui.app import is_loopback, launch_app, parse_auth
@@ -154,7 +154,7 @@ def test_delete_run_asks_refuses_running_and_removes_its_directory(run, workdir)
 def test_examples_side_by_side_and_changed_filter(run, workdir):
     from ui.state import AppState
     from ui.tab_evaluate import example_table, results_frame
-    from engine.report import summary
+    from engine.evaluation.results import summary
 
     store, run_id = run
     rows = []

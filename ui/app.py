@@ -16,7 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.serving import is_loopback  # the one loopback rule for the app and the servers it starts
+from engine.serving.server_process import is_loopback  # the one loopback rule for the app and the servers it starts
 from ui import header
 from ui.state import AppState, warm_up_in_background
 
@@ -143,7 +143,7 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
     if not is_loopback(host) and not credentials:
         print(f"error: {NETWORK_REFUSAL.format(host=host)}", file=sys.stderr)
         return 2
-    from engine.worker import ensure_engine
+    from engine.runtime.worker import ensure_engine
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:

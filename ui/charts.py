@@ -74,7 +74,7 @@ def pass_rate_bars(rows: list[dict], tasks: list[str], height: int = 350) -> go.
 
 
 def model_label(stage: str, fmt: str) -> str:
-    from engine.report import STAGE_TITLES
+    from engine.evaluation.results import STAGE_TITLES
 
     title = STAGE_TITLES.get(stage, stage)
     return title if fmt == "bf16" else f"{title} {fmt.upper()}"

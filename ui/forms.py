@@ -1,4 +1,4 @@
-"""Forms generated from the typed configs (engine/configs.py): one component per field, no hand-written mapping.
+"""Forms generated from the typed configs (engine/recipe/configs.py): one component per field, no hand-written mapping.
 
     form = build_form("sft", SFTConfig, values)     # components laid out in rows, labelled with the field name
     form.read(data)                                 # {field: value} from a Gradio handler's {component: value} dict
@@ -23,8 +23,8 @@ import gradio as gr
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from engine.configs import FORMAT_LABELS, Recipe
-from engine.recipe import recipe_from_dict
+from engine.recipe.configs import FORMAT_LABELS, Recipe
+from engine.recipe.files import recipe_from_dict
 
 # Fields whose list elements have friendly labels.
 CHOICE_LABELS = {"formats": FORMAT_LABELS}
@@ -199,7 +199,7 @@ def from_component(info_: FieldInfo, value: Any) -> Any:
 
 def assemble(base: dict, sections: dict[str, dict], filename: str = "<form>") -> Recipe:
     """The base recipe dict with whole sections replaced by form values, validated by the engine.
-    Raises engine.recipe.RecipeError with 'file: field: message' lines."""
+    Raises engine.recipe.files.RecipeError with 'file: field: message' lines."""
     data = copy.deepcopy(base)
     for section, values in sections.items():
         if section == "":  # top-level fields (name)

@@ -1,5 +1,5 @@
 """The Recipe tab's hardware panel: which GPUs (picked from NVML), how to spread training over them (accelerate
-strategy, processes, machines), will it fit (engine/estimate.py), and the commands each machine runs.
+strategy, processes, machines), will it fit (engine/training/estimate.py), and the commands each machine runs.
 
 The form is generated from HardwareConfig like every other section; only `gpus` gets a picker of the GPUs NVML sees.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 import gradio as gr
 import yaml
 
-from engine import distributed, telemetry
-from engine.configs import HardwareConfig
-from engine.estimate import estimate_recipe
-from engine.recipe import RecipeError
+from engine.runtime import distributed, telemetry
+from engine.recipe.configs import HardwareConfig
+from engine.training.estimate import estimate_recipe
+from engine.recipe.files import RecipeError
 from ui import views
 from ui.forms import build_form
 from ui.state import AppState, cuda_available

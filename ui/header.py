@@ -8,7 +8,7 @@ import time
 
 import gradio as gr
 
-from engine import telemetry
+from engine.runtime import telemetry
 from ui.state import AppState
 
 _cache: dict = {"at": 0.0, "html": ""}

@@ -1,7 +1,7 @@
 """The QAT tab's "which modules get quantizers" table, without loading a model in the web process.
 
 Exact when the run's PTQ stage has written runs/<id>/models/ptq-<fmt>/quant_summary.json; before that, a preview
-computed once per (format, block size) by `python -m engine.quant_preview` in the background and cached under
+computed once per (format, block size) by `python -m engine.fp4.preview` in the background and cached under
 cache/quant_preview/. Layer indices are folded ('model.layers.*.mlp.experts') so the table reads the same for
 2 layers or 36.
 """
@@ -15,7 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
-from engine import workspace
+from engine.runtime import workspace
 
 _running: dict[str, subprocess.Popen] = {}
 _lock = threading.Lock()
@@ -56,7 +56,7 @@ def _start_preview(workdir: Path, fmt: str, block_size: int | None, out: Path) -
             del _running[key]  # let the next refresh retry, but say why this one failed
             return f"the preview failed (exit {proc.returncode}); see {out.with_suffix('.log')}"
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "engine.quant_preview", fmt, "--out", str(out)]
+        cmd = [sys.executable, "-m", "engine.fp4.preview", fmt, "--out", str(out)]
         if block_size:
             cmd += ["--block-size", str(block_size)]
         with open(out.with_suffix(".log"), "ab") as log:

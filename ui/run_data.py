@@ -9,8 +9,8 @@ import re
 import time
 from pathlib import Path
 
-from engine import workspace
-from engine.pipeline import job_key
+from engine.runtime import workspace
+from engine.runtime.pipeline import job_key
 
 # The pipeline as drawn on the home tab: (card title, job stages it covers).
 PIPELINE = [("Dataset", ("prepare",)), ("SFT", ("sft",)), ("PTQ", ("ptq",)), ("QAT", ("qat",)),
@@ -141,7 +141,7 @@ def problem_jobs(store, run_id: str) -> list[dict]:
 
 
 def split_advice(error: str | None) -> tuple[str, str]:
-    """engine.advice appends ' -- <advice>' to an error line; (error, advice)."""
+    """engine.runtime.failure_hints appends ' -- <advice>' to an error line; (error, advice)."""
     text = error or "(no error message recorded)"
     head, sep, tip = text.partition(" -- ")
     return head, tip if sep else ""

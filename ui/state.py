@@ -31,8 +31,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine import workspace
-from engine.configs import Recipe
+from engine.runtime import workspace
+from engine.recipe.configs import Recipe
 from storage import Store
 from ui.forms import Form, assemble
 
@@ -139,14 +139,14 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe_file(name: str) -> Recipe:
-    from engine.recipe import load_recipe
+    from engine.recipe.files import load_recipe
 
     return load_recipe(RECIPES_DIR / f"{name}.yaml")
 
 
 def recipe_command(name: str, recipe: Recipe) -> str:
     """The exact CLI line reproducing `recipe`: the recipe file plus a flag per field that differs from it."""
-    from engine.cli_flags import leaf_fields
+    from engine.recipe.configs import leaf_fields
 
     file_values = _flat(load_recipe_file(name).model_dump(mode="json"))
     ours = _flat(recipe.model_dump(mode="json"))
@@ -201,7 +201,7 @@ def warm_up_in_background() -> None:
     a run is queued (transformers and torch, 10-30 s on a busy 2-core machine). The web process holds torch from
     then on (+0.37 GiB resident, measured); it still never trains or evaluates."""
     def load_tokenizer() -> None:
-        from engine.tiny import embedded_tokenizer
+        from engine.data.embedded_model import embedded_tokenizer
 
         embedded_tokenizer().apply_chat_template([[{"role": "user", "content": "hi"}]], tokenize=True)
 

@@ -1,7 +1,7 @@
 """Chat tab: a playground against a running server (Deploy tab) or an external endpoint.
 
 Replies stream token by token; the analysis channel is a collapsible "thought" message (gr.Chatbot metadata) apart
-from the final answer; TTFT and tokens/s (engine.chat: measured here, client side) sit under each reply. The
+from the final answer; TTFT and tokens/s (engine.serving.chat: measured here, client side) sit under each reply. The
 developer message carries the reasoning language the SFT teaches ("reasoning language: French"). Compare mode sends
 the same message to two endpoints at once (e.g. the PTQ and the QAT export) and shows them side by side.
 """
@@ -12,9 +12,9 @@ import time
 
 import gradio as gr
 
-from engine import serving
-from engine.chat import DEFAULT_SYSTEM, EFFORTS, ChatClient, ChatEvent, stream_compare
-from engine.demo_tasks import LANGUAGES
+from engine.serving import server_process
+from engine.serving.chat import DEFAULT_SYSTEM, EFFORTS, ChatClient, ChatEvent, stream_compare
+from engine.data.demo_tasks import LANGUAGES
 from ui import tab_deploy
 from ui.state import AppState
 
@@ -84,8 +84,8 @@ def build(state: AppState) -> None:
 def endpoint_choices(state: AppState, externals: list) -> list[tuple[str, str]]:
     store = state.store()
     for row in store.list_servers(status="starting"):  # the Deploy tab's refresh only runs while it is shown
-        serving.refresh_server(store, row["id"])
-    rows = [serving.with_urls(r) for r in reversed(store.list_servers(status="running"))]
+        server_process.refresh_server(store, row["id"])
+    rows = [server_process.with_urls(r) for r in reversed(store.list_servers(status="running"))]
     choices = [(f"#{r['id']} {r['backend']} · {_short(r['model_path'])} · {r['base_url']}", f"server:{r['id']}")
                for r in rows]
     choices += [(e.describe(), f"external:{i}") for i, e in enumerate(externals or [])]
@@ -104,7 +104,7 @@ def client_for(state: AppState, choice: str | None, externals: list) -> ChatClie
     if kind == "external":
         endpoint = (externals or [])[int(key)]
         return ChatClient(endpoint.base_url, api_key=endpoint.api_key, model=endpoint.model, name=endpoint.name)
-    row = serving.get_server(state.store(), int(key))
+    row = server_process.get_server(state.store(), int(key))
     if row["status"] != "running":
         raise ValueError(f"server #{row['id']} is {row['status']}; start it again on the Deploy tab")
     return ChatClient(row["base_url"], backend=row["backend"], name=f"#{row['id']} {row['backend']}")
@@ -123,7 +123,7 @@ def respond(state, text, compare, choice_a, choice_b, externals, chat_a, chat_b,
     for (choice, _, _), reply in zip(sides, replies):
         try:
             clients.append(client_for(state, choice, externals))
-        except (ValueError, IndexError, serving.ServingError) as exc:
+        except (ValueError, IndexError, server_process.ServingError) as exc:
             clients.append(None)
             reply.fail(str(exc))
     yield "", *_out(replies, chat_b, compare), history_a, history_b

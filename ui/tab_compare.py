@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine.report import STAGE_ORDER
+from engine.evaluation.results import STAGE_ORDER
 from ui import charts
 from ui.palette import model_color
 from ui.state import AppState
@@ -87,7 +87,7 @@ def _per_job(rows: list[dict], jobs: dict[int, dict]) -> dict[str, dict]:
 
 
 def _models(store, run_id: str) -> dict[tuple, dict]:
-    from engine.report import summary
+    from engine.evaluation.results import summary
 
     return {(r["stage"], r["format"]): r["metrics"] for r in summary(store, run_id)["rows"]}
 

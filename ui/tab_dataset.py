@@ -1,5 +1,5 @@
 """Dataset tab: choose the training data (embedded, an uploaded JSONL/Parquet, or a Hugging Face id), validate it
-with engine.data, see one row exactly as the model sees it (harmony text with special tokens, the tokens that
+with engine.data.chat_data, see one row exactly as the model sees it (harmony text with special tokens, the tokens that
 carry the loss highlighted), the token-length histogram, and the train/eval split settings of the recipe draft."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine.configs import DataConfig
-from engine.data import EMBEDDED, DataError, dataset_stats, load_chat_dataset, split_train_eval
-from engine.workspace import ASSETS
+from engine.recipe.configs import DataConfig
+from engine.data.chat_data import EMBEDDED, DataError, dataset_stats, load_chat_dataset, split_train_eval
+from engine.runtime.workspace import ASSETS
 from ui import charts, views
 from ui.forms import build_form
 from ui.state import AppState
@@ -100,7 +100,7 @@ _rows_lock = threading.Lock()
 
 
 def load_rows(source: str) -> list[dict]:
-    """engine.data's loader (raises DataError), cached per source and file modification time."""
+    """engine.data.chat_data's loader (raises DataError), cached per source and file modification time."""
     path = Path(source)
     key = (source, path.stat().st_mtime if path.is_file() else None)
     with _rows_lock:
@@ -147,7 +147,7 @@ def random_row(source: str) -> int:
 def tokenizer():
     """The embedded tokenizer, imported on first use: transformers pulls in torch (seconds), so the app loads it in
     the background after it starts serving (ui.state.warm_up_in_background)."""
-    from engine.tiny import embedded_tokenizer
+    from engine.data.embedded_model import embedded_tokenizer
 
     return embedded_tokenizer()
 
@@ -175,7 +175,7 @@ def highlighted(messages: list[dict]) -> list[tuple[str, str | None]]:
 
 
 def _lengths(rows: list[dict]) -> list[int]:
-    """Token lengths of a fixed sample (engine.data remembers them per content, so an edited file is recounted)."""
+    """Token lengths of a fixed sample (engine.data.chat_data remembers them per content, so an edited file is recounted)."""
     sample = rows if len(rows) <= HIST_SAMPLE else random.Random(0).sample(rows, HIST_SAMPLE)
     return dataset_stats(sample, tokenizer())["token_lengths"]
 

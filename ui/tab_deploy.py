@@ -2,7 +2,7 @@
 
 The command is always shown (copyable), also when the backend is not installed here or the format needs another
 GPU: that is the command to run elsewhere. Servers are separate processes: they keep running when the app stops,
-and a restarted app finds them again (engine.serving.reconcile_servers). An external endpoint (any OpenAI-compatible
+and a restarted app finds them again (engine.serving.server_process.reconcile_servers). An external endpoint (any OpenAI-compatible
 URL + key) is kept in this browser session's gr.State only: never in the database, logs or recipes.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from engine import serving
-from engine.servers.backends import BACKENDS, ExternalEndpoint, TrtllmOptions
-from engine.servers.formats import gpu_summary
+from engine.serving import server_process
+from engine.serving.backends import BACKENDS, ExternalEndpoint, TrtllmOptions
+from engine.serving.formats import gpu_summary
 from ui import views
 from ui.state import AppState
 
@@ -33,7 +33,7 @@ def external_endpoints(state: AppState) -> gr.State:
 
 
 def build(state: AppState) -> None:
-    serving.reconcile_servers(state.store())  # a restarted app finds its servers again; dead ones become 'gone'
+    server_process.reconcile_servers(state.store())  # a restarted app finds its servers again; dead ones become 'gone'
     gr.Markdown("Serve a checkpoint with an OpenAI-compatible API, then talk to it on the **Chat** tab.")
     with gr.Row():
         checkpoint = gr.Dropdown(label="Checkpoint (the selected run's exports and SFT model, or type a path)",
@@ -144,7 +144,7 @@ def preview(checkpoint, backend, host, port, *trt_values):
     if not checkpoint:
         return views.message("Pick a checkpoint (or type a path).", "info"), ""
     try:
-        plan = serving.plan_server(checkpoint, backend, host or "127.0.0.1", int(port or 0) or None,
+        plan = server_process.plan_server(checkpoint, backend, host or "127.0.0.1", int(port or 0) or None,
                                    _options(backend, trt_values))
     except (ValueError, TypeError) as exc:
         return views.message(f"Invalid options: {exc}", "error"), ""
@@ -163,11 +163,11 @@ def start_clicked(state: AppState, run_id, allow_network, checkpoint, backend, h
     store = state.store()
     known_run = run_id if run_id and store.get_run(run_id) else None
     try:
-        row = serving.start_server(store, checkpoint, backend, host=(host or "127.0.0.1").strip(),
+        row = server_process.start_server(store, checkpoint, backend, host=(host or "127.0.0.1").strip(),
                                    port=int(port or 0) or None, run_id=known_run,
                                    options=_options(backend, trt_values), allow_network=bool(allow_network),
                                    wait=False)
-    except (serving.ServingError, ValueError) as exc:
+    except (server_process.ServingError, ValueError) as exc:
         return (views.message(f"Not started:\n{exc}", "error"), *_table_and_log(state, None))
     text = (f"Server #{row['id']} is starting at {row['base_url']} (loading the model; it turns 'running' when "
             "its health check answers). Chat with it on the Chat tab.")
@@ -177,12 +177,12 @@ def start_clicked(state: AppState, run_id, allow_network, checkpoint, backend, h
 def stop_clicked(state: AppState, server_id):
     if not server_id:
         return (views.message("Select a server first.", "error"), *_table_and_log(state, None))
-    row = serving.stop_server(state.store(), int(server_id))
+    row = server_process.stop_server(state.store(), int(server_id))
     return (views.message(f"Server #{row['id']}: {row['status']}.", "ok"), *_table_and_log(state, row["id"]))
 
 
 def stop_all_clicked(state: AppState, server_id):
-    stopped = serving.stop_all_servers(state.store())
+    stopped = server_process.stop_all_servers(state.store())
     text = f"Stopped {len(stopped)} server(s)." if stopped else "No server was running."
     return (views.message(text, "ok"), *_table_and_log(state, server_id))
 
@@ -190,8 +190,8 @@ def stop_all_clicked(state: AppState, server_id):
 def check_clicked(state: AppState, server_id):
     if not server_id:
         return (views.message("Select a server first.", "error"), *_table_and_log(state, None))
-    row = serving.refresh_server(state.store(), int(server_id))
-    healthy = row["status"] in serving.LIVE and serving.is_healthy(row)
+    row = server_process.refresh_server(state.store(), int(server_id))
+    healthy = row["status"] in server_process.LIVE and server_process.is_healthy(row)
     text = f"Server #{row['id']} is {row['status']}; {row.get('health_url', '')} " + \
         ("answers." if healthy else "does not answer.")
     return (views.message(text, "ok" if healthy else "error"), *_table_and_log(state, row["id"]))
@@ -200,13 +200,13 @@ def check_clicked(state: AppState, server_id):
 def refresh(state: AppState, server_id):
     store = state.store()
     for row in store.list_servers():
-        if row["status"] in serving.LIVE:
-            serving.refresh_server(store, row["id"])
+        if row["status"] in server_process.LIVE:
+            server_process.refresh_server(store, row["id"])
     return _table_and_log(state, server_id)
 
 
 def _table_and_log(state: AppState, server_id) -> tuple:
-    rows = [serving.with_urls(r) for r in reversed(state.store().list_servers())]
+    rows = [server_process.with_urls(r) for r in reversed(state.store().list_servers())]
     frame = pd.DataFrame([{
         "id": r["id"], "status": r["status"], "backend": r["backend"], "url": r.get("base_url", ""),
         "model": r["model_path"], "pid": r["pid"],
@@ -222,8 +222,8 @@ def server_log(state: AppState, server_id) -> str:
     if not server_id:
         return ""
     try:
-        return serving.log_tail(serving.get_server(state.store(), int(server_id)), lines=60)
-    except serving.ServingError:
+        return server_process.log_tail(server_process.get_server(state.store(), int(server_id)), lines=60)
+    except server_process.ServingError:
         return ""
 
 
@@ -239,7 +239,7 @@ def add_external(endpoints: list, url: str, key: str, model: str):
 
 
 def test_external(url: str, key: str):
-    from engine.chat import ChatClient
+    from engine.serving.chat import ChatClient
 
     try:
         ExternalEndpoint(url)

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from engine.report import summary, table_rows, task_names
+from engine.evaluation.results import summary, table_rows, task_names
 from ui import charts, run_data, views
 from ui.state import AppState
 
@@ -64,7 +64,7 @@ def refresh(state: AppState, run_id: str | None, cache: dict):
 
 
 def results_frame(store, run_id: str, data: dict) -> pd.DataFrame:
-    """engine.report's table plus perplexity next to eval loss and the deployment-efficiency columns."""
+    """engine.evaluation.results's table plus perplexity next to eval loss and the deployment-efficiency columns."""
     run = store.get_run(run_id)
     rows = table_rows(data)
     experts = run_data.expert_param_count(run_data.model_dir_for(run, "sft")) or \

@@ -1,5 +1,5 @@
 """QAT tab: quantize the selected run's SFT model (PTQ baseline) and train it quantization-aware, per FP4 format.
-Start extends the selected run (engine.pipeline.extend) with PTQ -> QAT -> evaluation -> export for the chosen
+Start extends the selected run (engine.runtime.pipeline.extend) with PTQ -> QAT -> evaluation -> export for the chosen
 formats. Before starting: which modules get quantizers, and the recipe advisor's warnings."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import re
 import gradio as gr
 import pandas as pd
 
-from engine.advisor import recipe_advice
-from engine.configs import QATConfig, QuantConfig, Recipe
-from engine.pipeline import extend
-from engine.recipe import RecipeError
-from engine.worker import ensure_engine
+from engine.training.recipe_advisor import recipe_advice
+from engine.recipe.configs import QATConfig, QuantConfig, Recipe
+from engine.runtime.pipeline import extend
+from engine.recipe.files import RecipeError
+from engine.runtime.worker import ensure_engine
 from ui import quant_table, training_view, views
 from ui.forms import build_form
 from ui.state import AppState, cuda_available, skip_unchanged
@@ -133,7 +133,7 @@ def start_qat(state: AppState, data: dict):
 
 
 def show_qat(state: AppState, data: dict):
-    from engine.recipe import recipe_to_yaml
+    from engine.recipe.files import recipe_to_yaml
     from ui.state import recipe_command
 
     try:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from engine.cli import UserError, resume_run, validate_inputs
-from engine.configs import EvalConfig, ExportConfig, ModelConfig, Recipe
-from engine.recipe import RecipeError, recipe_to_yaml
-from engine.report import summary, table_rows
-from engine.worker import ensure_engine, request_cancel
+from engine.runs import UserError, resume_run, validate_inputs
+from engine.recipe.configs import EvalConfig, ExportConfig, ModelConfig, Recipe
+from engine.recipe.files import RecipeError, recipe_to_yaml
+from engine.evaluation.results import summary, table_rows
+from engine.runtime.worker import ensure_engine, request_cancel
 from ui import charts, hardware, run_data, views
 from ui.forms import build_form
 from ui.state import (DEFAULT_RECIPE, AppState, cuda_available, load_recipe_file, recipe_command, recipe_names,
@@ -128,7 +128,7 @@ def start_run(state: AppState, data: dict):
         validate_inputs(recipe)
     except (RecipeError, UserError) as exc:
         return views.message(f"Not started:\n{exc}", "error"), gr.skip()
-    from engine.pipeline import enqueue
+    from engine.runtime.pipeline import enqueue
 
     run_id = enqueue(state.store(), recipe, state.workdir, cuda_available=cuda_available())
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine.cli import UserError, validate_inputs
-from engine.configs import SFTConfig
-from engine.pipeline import enqueue
-from engine.recipe import RecipeError
-from engine.worker import ensure_engine
+from engine.runs import UserError, validate_inputs
+from engine.recipe.configs import SFTConfig
+from engine.runtime.pipeline import enqueue
+from engine.recipe.files import RecipeError
+from engine.runtime.worker import ensure_engine
 from ui import training_view, views
 from ui.forms import build_form
 from ui.state import AppState, cuda_available

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from engine.advisor import qat_recovery
-from engine.recipe import RecipeError, recipe_to_yaml
-from engine.worker import ensure_engine, request_cancel
+from engine.training.recipe_advisor import qat_recovery
+from engine.recipe.files import RecipeError, recipe_to_yaml
+from engine.runtime.worker import ensure_engine, request_cancel
 from ui import charts, run_data, views
 from ui.palette import STATUS_COLORS
 from ui.state import AppState, recipe_command, skip_unchanged

@@ -1,4 +1,7 @@
-"""The recipe's stages. Each is a plain function `run(ctx) -> dict` reading its config from `ctx.recipe`."""
+"""The recipe's stages, on top of the other parts. Each is a plain function `run(ctx) -> dict` reading its config
+from `ctx.recipe`; `job` is the process that runs one (`python -m engine.stages.job`).
+
+May import every part of the engine and `storage`; no other part of the engine imports a stage."""
 
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from engine import evaluation
-from engine.context import Context
+from engine.evaluation import evaluator
+from engine.runtime.context import Context
 from engine.stages.common import load_splits, model_path, open_model
 
 
@@ -23,19 +23,19 @@ def run(ctx: Context) -> dict:
     _, eval_rows = load_splits(ctx)
 
     ctx.progress(0.05, f"eval loss on {len(eval_rows)} examples")
-    metrics: dict = {"eval_loss": evaluation.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
+    metrics: dict = {"eval_loss": evaluator.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
 
     picked = pick_examples(eval_rows, cfg.max_examples_per_task)
-    results = evaluation.generate_and_judge(
+    results = evaluator.generate_and_judge(
         model, tokenizer, picked, cfg.max_new_tokens, cfg.batch_size,
         on_batch=lambda done, total: ctx.progress(0.1 + 0.8 * done / total, f"generated {done}/{total} answers"),
     )
-    metrics.update(evaluation.pass_rates(results))
+    metrics.update(evaluator.pass_rates(results))
 
     if fmt != "bf16":
         reference_key = "sft" if ctx.recipe.sft.enabled else "prepare"
-        reference = evaluation.load_expert_weights(model_path(ctx, reference_key))
-        metrics.update(evaluation.weight_errors(model, reference))
+        reference = evaluator.load_expert_weights(model_path(ctx, reference_key))
+        metrics.update(evaluator.weight_errors(model, reference))
     ctx.store.put_eval(ctx.run_id, ctx.job_id, stage, fmt, metrics)
     ctx.store.add_eval_examples([example_row(ctx, stage, fmt, i, r) for i, r in enumerate(results)])
     return {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("per_tensor")}
@@ -55,12 +55,12 @@ def pick_examples(rows: list[dict], per_task: int) -> list[dict]:
 
 def example_row(ctx: Context, stage: str, fmt: str, idx: int, result: dict) -> dict:
     row = result["row"]
-    prompt = evaluation.prompt_messages(row)
+    prompt = evaluator.prompt_messages(row)
     return {
         "run_id": ctx.run_id, "job_id": ctx.job_id, "stage": stage, "fmt": fmt,
         "task": row.get("task") or "default", "idx": idx,
         "prompt": "\n".join(f"[{m['role']}] {m.get('content', '')}" for m in prompt if m["role"] != "system"),
-        "reference": evaluation.reference_of(row),
+        "reference": evaluator.reference_of(row),
         "completion": result["completion"].get("raw", ""),
         "passed": int(bool(result["verdict"]["passed"])),
         "detail": {**result["verdict"], "analysis": result["completion"].get("analysis"),

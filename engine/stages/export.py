@@ -1,7 +1,7 @@
 """Stage 5: write a real FP4 checkpoint of the final model of a format, and prove it holds the trained weights.
 
-mxfp4 -> OpenAI's gpt-oss layout (engine/export_mxfp4.py; what vLLM / TRT-LLM / transformers load for gpt-oss);
-nvfp4, nvfp4_w4a4 -> modelopt's unified HF format (engine/export_nvfp4.py). Both modules explain why we write the
+mxfp4 -> OpenAI's gpt-oss layout (engine/fp4/export_mxfp4.py; what vLLM / TRT-LLM / transformers load for gpt-oss);
+nvfp4, nvfp4_w4a4 -> modelopt's unified HF format (engine/fp4/export_nvfp4.py). Both modules explain why we write the
 files ourselves instead of calling modelopt's exporter. After writing, the export is read back the way a server
 would read it and every expert weight must equal the fake-quant weight the model was evaluated with, exactly.
 """
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from engine import quant
-from engine.context import Context
-from engine.export_mxfp4 import export_mxfp4, non_expert_state, verify_mxfp4_export
-from engine.export_nvfp4 import export_nvfp4, verify_nvfp4_export
+from engine.fp4 import modelopt_glue
+from engine.runtime.context import Context
+from engine.fp4.export_mxfp4 import export_mxfp4, non_expert_state, verify_mxfp4_export
+from engine.fp4.export_nvfp4 import export_nvfp4, verify_nvfp4_export
 from engine.stages.common import open_model
-from engine.workspace import export_dir
+from engine.runtime.workspace import export_dir
 
 EXPORT_DTYPE = torch.bfloat16  # unquantized tensors, as OpenAI ships gpt-oss
 EXPORTERS = {
@@ -41,7 +41,7 @@ def run(ctx: Context) -> dict:
     manifest = export(model, tokenizer, out, dtype=EXPORT_DTYPE)
 
     ctx.progress(0.6, "verifying: reading the export back and comparing every expert weight")
-    expected = quant.effective_expert_weights(model)
+    expected = modelopt_glue.effective_expert_weights(model)
     check = verify(out, expected, non_expert_state(model, skip=expected))
     ctx.log(f"verified {check['tensors_checked']} tensors; expert weights exact (max |diff| {check['max_abs_diff']})")
 

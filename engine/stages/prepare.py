@@ -4,38 +4,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine import models
-from engine.configs import EMBEDDED_MODEL
-from engine.context import Context
+from engine.fp4 import model_io
+from engine.recipe.configs import EMBEDDED_MODEL
+from engine.runtime.context import Context
+from engine.runtime import workspace
 from engine.stages.common import load_splits
 
 
 def run(ctx: Context) -> dict:
     source = ctx.recipe.model.source
     if source == EMBEDDED_MODEL:
-        from engine.tiny import ensure_tiny_base
+        from engine.data.embedded_model import ensure_tiny_base
 
         ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
         path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log)
     else:
         path = resolve_checkpoint(source)
     ctx.progress(0.5, f"checking the checkpoint at {path}")
-    summary = models.check_gpt_oss_checkpoint(Path(path))
+    summary = model_io.check_gpt_oss_checkpoint(Path(path))
     ctx.log(f"gpt-oss checkpoint: {summary['layers']} layers, {summary['experts']} experts, "
             f"{'MXFP4 experts (upcast on load)' if summary['quantized'] else 'unquantized'}")
-    models.write_base_pointer(ctx.run_dir, path, {"source": source, "quantized": summary["quantized"]})
+    workspace.write_base_pointer(ctx.run_dir, path, {"source": source, "quantized": summary["quantized"]})
     ctx.store.add_artifact(ctx.run_id, ctx.job_id, "base_model", str(path), sha256="", meta={"source": source})
 
     ctx.progress(0.8, "checking the dataset against the model's tokenizer")
-    check_data_lengths(ctx, models.load_tokenizer(path, trust_remote_code=ctx.recipe.model.trust_remote_code))
+    check_data_lengths(ctx, model_io.load_tokenizer(path, trust_remote_code=ctx.recipe.model.trust_remote_code))
     train_rows, eval_rows = load_splits(ctx)
     return {"base_model": str(path), "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
 
 
 def check_data_lengths(ctx: Context, tokenizer) -> None:
     """Examples longer than data.max_length would be cut silently by the trainer: refuse them, naming the rows."""
-    from engine.data import DataError, check_lengths, load_chat_dataset
-    from engine.workspace import ASSETS
+    from engine.data.chat_data import DataError, check_lengths, load_chat_dataset
+    from engine.runtime.workspace import ASSETS
 
     data = ctx.recipe.data
     issues = []

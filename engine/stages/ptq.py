@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from engine import models, quant
-from engine.context import Context
+from engine.fp4 import model_io, modelopt_glue
+from engine.runtime.context import Context
 from engine.stages.common import backend, load_splits, open_model
 
 
@@ -24,11 +24,11 @@ def run(ctx: Context) -> dict:
     if backend(ctx) is None and not any(Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/nonexistent")).glob("*mx*")):
         ctx.progress(0.05, "compiling modelopt's CUDA extension (first use only, ~90 s; cached in the workspace)")
     ctx.progress(0.1, f"quantizing to {fmt} (calibrating on {len(calib)} training examples)")
-    model = quant.quantize(model, fmt, calibration_loop(tokenizer, calib, ctx.recipe.data.max_length), backend(ctx),
+    model = modelopt_glue.quantize(model, fmt, calibration_loop(tokenizer, calib, ctx.recipe.data.max_length), backend(ctx),
                            cfg.block_size)
-    summary = quant.quant_summary(model)
+    summary = modelopt_glue.quant_summary(model)
     out = ctx.model_dir(f"ptq:{fmt}")
-    models.save_model_atomic(model, tokenizer, out)
+    model_io.save_model_atomic(model, tokenizer, out)
     (out / "quant_summary.json").write_text(json.dumps(summary, indent=1))
     enabled = [row for row in summary if row["enabled"]]
     return {"format": fmt, "quantizers_enabled": len(enabled), "quantizers_total": len(summary)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-from engine.context import Context
-from engine.report import summary
+from engine.runtime.context import Context
+from engine.evaluation.results import summary
 
 
 def run(ctx: Context) -> dict:

@@ -1,15 +1,15 @@
 """Stage 1: supervised fine-tuning in high precision (TRL SFTTrainer), loss on assistant tokens only.
 
-With LoRA (engine/lora.py) the adapters are merged into the weights before saving, so later stages see a plain model.
-Under `accelerate launch` every rank runs this; only the main one writes the model (training.save_final).
+With LoRA (engine/training/lora.py) the adapters are merged into the weights before saving, so later stages see a plain model.
+Under `accelerate launch` every rank runs this; only the main one writes the model (hf_trainer.save_final).
 """
 
 from __future__ import annotations
 
-from engine import lora, training
-from engine.context import Context
+from engine.training import lora, hf_trainer
+from engine.runtime.context import Context
 from engine.stages.common import load_splits, open_model
-from engine.workspace import checkpoint_dir
+from engine.runtime.workspace import checkpoint_dir
 
 
 def run(ctx: Context) -> dict:
@@ -18,8 +18,8 @@ def run(ctx: Context) -> dict:
     cfg = ctx.recipe.sft
     model, tokenizer = open_model(ctx, "prepare")
     out = checkpoint_dir(ctx.run_dir, "sft")
-    trainer = training.make_trainer(SFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), "SFT",
+    trainer = hf_trainer.make_trainer(SFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), "SFT",
                                     peft_config=lora.lora_config(cfg, model) if cfg.lora else None)
-    metrics = training.train(trainer, ctx, out)
-    training.save_final(trainer, tokenizer, ctx.model_dir("sft"), merge=lora.merge if cfg.lora else None)
-    return training.stage_result(metrics)
+    metrics = hf_trainer.train(trainer, ctx, out)
+    hf_trainer.save_final(trainer, tokenizer, ctx.model_dir("sft"), merge=lora.merge if cfg.lora else None)
+    return hf_trainer.stage_result(metrics)

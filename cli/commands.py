@@ -1,0 +1,128 @@
+"""Headless commands behind launch.py: run, resume, cancel, status. Same engine and stages as the app."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from engine.runtime import workspace
+from engine.runs import UserError, load_and_validate, resume_run
+
+TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
+
+
+def cmd_run(recipe_path: str, workdir: Path, overrides: dict, wait: bool = True) -> int:
+    recipe = load_and_validate(recipe_path, overrides)
+    from engine.runtime.pipeline import enqueue
+    from engine.runtime.worker import ensure_engine
+    from storage import Store
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = Store(workspace.db_path(workdir))
+    run_id = enqueue(store, recipe, workdir)
+    print(f"run {run_id} queued ({len(store.list_jobs(run_id))} jobs) in {workdir}", flush=True)
+    ensure_engine(workdir, idle_exit=15.0)
+    if not wait:
+        return 0
+    return watch(store, run_id)
+
+
+def watch(store, run_id: str, poll_s: float = 1.0) -> int:
+    """Print each job's progress until the run ends; Ctrl-C stops watching, not the run."""
+    seen: dict[int, tuple] = {}
+    started = time.time()
+    try:
+        while True:
+            for job in store.list_jobs(run_id):
+                state = (job["status"], job.get("message"))
+                if seen.get(job["id"]) != state:
+                    seen[job["id"]] = state
+                    msg = f" - {job['message']}" if job.get("message") else ""
+                    err = f"\n    error: {job['error']}" if job.get("error") and job["status"] != "succeeded" else ""
+                    print(f"[{time.time() - started:6.0f}s] {job['config']['key']:<22} {job['status']:<11}{msg}{err}",
+                          flush=True)
+            run = store.get_run(run_id)
+            if run["status"] in TERMINAL and not store.list_jobs(run_id, status="queued"):
+                break
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; the run goes on in the engine. Follow it with: python launch.py status {run_id}")
+        return 130
+    return finish(store, run_id, time.time() - started)
+
+
+def finish(store, run_id: str, elapsed: float) -> int:
+    from engine.evaluation.results import format_table, summary
+
+    run = store.get_run(run_id)
+    data = summary(store, run_id)
+    print(f"\nrun {run_id} {run['status']} in {elapsed:.0f} s\n")
+    print(format_table(data))
+    path = Path(run["run_dir"]) / "summary.json"
+    if path.exists():
+        print(f"\nsummary: {path}")
+    for fmt, export in data["exports"].items():
+        print(f"export ({fmt}): {export}")
+    failed = [j for j in store.list_jobs(run_id) if j["status"] in ("failed", "interrupted", "cancelled")]
+    for job in failed:
+        print(f"\n{job['config']['key']} {job['status']}: {job['error']}\n  log: {job['log_path']}", file=sys.stderr)
+    return 0 if run["status"] == "succeeded" else 1
+
+
+def cmd_resume(run_id: str, workdir: Path, wait: bool = True) -> int:
+    from engine.runtime.worker import ensure_engine
+
+    store = _existing_store(workdir)
+    if store.get_run(run_id) is None:
+        raise UserError(f"no run {run_id} in {workdir}; list runs with: python launch.py status")
+    requeued = resume_run(store, run_id)
+    if not requeued:
+        print(f"run {run_id}: nothing to resume (no failed, interrupted or cancelled jobs)")
+        return 0
+    print(f"run {run_id}: re-queued jobs {requeued}")
+    ensure_engine(workdir, idle_exit=15.0)
+    return watch(store, run_id) if wait else 0
+
+
+def cmd_cancel(run_id: str, workdir: Path) -> int:
+    from engine.runtime.worker import request_cancel
+
+    store = _existing_store(workdir)
+    jobs = store.list_jobs(run_id)
+    if not jobs:
+        raise UserError(f"no run {run_id} in {workdir}")
+    for job in jobs:
+        if job["status"] in ("queued", "running"):
+            print(f"{job['config']['key']}: {request_cancel(store, job['id'])}")
+    return 0
+
+
+def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
+    store = _existing_store(workdir)
+    if run_id is None:
+        runs = store.list_runs()
+        if as_json:
+            print(json.dumps(runs, default=str, indent=1))
+        for run in runs:
+            print(f"{run['id']}  {run['status']:<11} {run['name']}")
+        return 0
+    if store.get_run(run_id) is None:
+        raise UserError(f"no run {run_id} in {workdir}")
+    for job in store.list_jobs(run_id):
+        print(f"{job['id']:>4} {job['config']['key']:<22} {job['status']:<11} {job.get('message') or ''}")
+    from engine.evaluation.results import format_table, summary
+
+    print()
+    print(format_table(summary(store, run_id)))
+    return 0
+
+
+def _existing_store(workdir: Path):
+    from storage import Store
+
+    db = workspace.db_path(workdir)
+    if not db.exists():
+        raise UserError(f"no workspace at {workdir} (no {db.name}); pass --workdir or set QAT_STUDIO_HOME")
+    return Store(db)

@@ -1,0 +1,97 @@
+"""What both faces of the product (the app and the CLI) do to runs before and after the engine has them:
+check a recipe's inputs before a run exists, and re-queue a run's unfinished jobs.
+
+Writes nothing when the input is bad: every problem is a `UserError` naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.recipe.configs import Recipe
+from engine.recipe.files import RecipeError, load_recipe
+from engine.runtime import workspace
+
+
+class UserError(Exception):
+    """Bad input: printed as is (no traceback), exit status 2."""
+
+
+def validate_inputs(recipe: Recipe) -> None:
+    """Everything we can check before a run exists: model source, block size, dataset rows and lengths.
+    Writes nothing; raises UserError naming the file, line and field."""
+    from engine.data.chat_data import DataError, check_lengths, load_chat_dataset
+
+    model_dir = _model_dir(recipe.model.source)
+    _check_block_size(recipe, model_dir)
+    tokenizer = _tokenizer_for(recipe, model_dir)
+    try:
+        for source in filter(None, (recipe.data.source, recipe.data.eval_source)):
+            rows = load_chat_dataset(source, root=workspace.ASSETS)
+            issues = check_lengths(rows, tokenizer, recipe.data.max_length, source=source) if tokenizer else []
+            if issues:
+                raise DataError(issues)
+    except DataError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _model_dir(source: str) -> Path | None:
+    """The local directory behind model.source (the embedded model's tokenizer dir stands in), or None for a hub id."""
+    if source == "embedded:tiny-gpt-oss":
+        return None
+    if source.startswith("embedded:"):
+        raise UserError(f"model.source: unknown embedded model {source!r}; the embedded one is 'embedded:tiny-gpt-oss'")
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or local.exists()
+    if looks_local and not (local / "config.json").exists():
+        raise UserError(f"model.source: {source}: no model directory with a config.json there; "
+                        "pass a gpt-oss checkpoint directory or a hub id like openai/gpt-oss-20b")
+    return local if looks_local else None
+
+
+def _check_block_size(recipe: Recipe, model_dir: Path | None) -> None:
+    """FP4 blocks run along the experts' input dims (hidden size, intermediate size): the block must divide both."""
+    if recipe.ptq.block_size is None or not recipe.ptq.formats:
+        return
+    if model_dir is None and recipe.model.source != "embedded:tiny-gpt-oss":
+        return  # a hub id: dims known only after download; the PTQ stage checks again
+    config = json.loads((model_dir / "config.json").read_text()) if model_dir else {"hidden_size": 128,
+                                                                                     "intermediate_size": 128}
+    for dim_name in ("hidden_size", "intermediate_size"):
+        dim = config.get(dim_name)
+        if dim and dim % recipe.ptq.block_size:
+            raise UserError(f"ptq.block_size: {recipe.ptq.block_size} does not divide the model's {dim_name} ({dim}); "
+                            f"choose a block size that divides it (e.g. 32 or 16)")
+
+
+def _tokenizer_for(recipe: Recipe, model_dir: Path | None):
+    """The tokenizer the run will use, when it is on disk (embedded or local); None for a hub id."""
+    from engine.fp4 import model_io
+    from engine.data import embedded_model
+
+    if recipe.model.source == "embedded:tiny-gpt-oss":
+        return embedded_model.embedded_tokenizer()
+    if model_dir is not None and any(model_dir.glob("tokenizer*")):
+        return model_io.load_tokenizer(model_dir, trust_remote_code=recipe.model.trust_remote_code)
+    return None
+
+
+def load_and_validate(recipe_path: str, overrides: dict) -> Recipe:
+    try:
+        recipe = load_recipe(recipe_path, overrides)
+    except RecipeError as exc:
+        raise UserError(str(exc)) from None
+    validate_inputs(recipe)
+    return recipe
+
+
+def resume_run(store, run_id: str) -> list[int]:
+    """Re-queue the run's unfinished jobs; trainers pick up their last checkpoint."""
+    ids = []
+    for job in store.list_jobs(run_id):
+        if job["status"] in ("failed", "interrupted", "cancelled"):
+            store.requeue_job(job["id"])
+            ids.append(job["id"])
+    store.refresh_run_status(run_id)
+    return ids

@@ -1,0 +1,318 @@
+"""The engine: a background process that runs queued jobs, each in a child process.
+
+    python launch.py engine [--workdir W]       (or started on demand by `run` and by the app)
+
+- Claims jobs from SQLite (atomically; dependencies first; one job per device at a time).
+- Starts `python -m engine.stages.job` in a new process group with stdout/stderr appended to the job's log file,
+  so nothing ever blocks on a pipe and closing a browser cannot stall training.
+- Cancels by killing the job's whole process group (multi-process launches included).
+- Heartbeats in storage; on start it marks jobs left 'running' by a crashed engine as 'interrupted'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine.runtime import failure_hints, telemetry, workspace
+from storage import Store
+
+HEARTBEAT_S = 2.0
+KILL_GRACE_S = 10.0
+JOB_NICENESS = 10
+
+
+@dataclass
+class Running:
+    job: dict
+    proc: subprocess.Popen
+    resources: set[str]
+    cancel_sent_at: float | None = None
+    group_pids: set[int] = field(default_factory=set)
+
+
+class Engine:
+    def __init__(self, workdir: Path, idle_exit: float | None = None, poll_s: float = 0.3,
+                 telemetry_every_s: float = 10.0):
+        self.workdir = workdir
+        self.telemetry_every_s = telemetry_every_s
+        self.store = Store(workspace.db_path(workdir))
+        self.idle_exit = idle_exit
+        self.poll_s = poll_s
+        self.running: dict[int, Running] = {}
+        self.stopping = False
+        self.engine_id: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def serve(self) -> int:
+        other = [e for e in self.store.live_engines() if e["pid"] != os.getpid() and _pid_alive(e["pid"])]
+        if other:
+            print(f"an engine is already running on {self.workdir} (pid {other[0]['pid']}); not starting another",
+                  flush=True)
+            return 1
+        self.engine_id = self.store.register_engine(os.getpid(), socket.gethostname())
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self._recover()
+        # The engine, not the web app, records the runs' telemetry history: headless runs have it too.
+        recorder = telemetry.Recorder(self.store, self.workdir, every_s=self.telemetry_every_s)
+        recorder.start()
+        print(f"engine {self.engine_id} (pid {os.getpid()}) serving {self.workdir}", flush=True)
+        last_beat, idle_since = 0.0, time.time()
+        try:
+            while not self.stopping:
+                now = time.time()
+                if now - last_beat >= HEARTBEAT_S:
+                    self.store.engine_heartbeat(self.engine_id)
+                    last_beat = now
+                self._reap()
+                self._handle_cancels()
+                self._start_ready_jobs()
+                if self.running or self.store.list_jobs(status="queued"):
+                    idle_since = now
+                elif self.idle_exit is not None and now - idle_since > self.idle_exit:
+                    print("idle; exiting", flush=True)
+                    break
+                time.sleep(self.poll_s)
+        finally:
+            recorder.stop()
+            self._shutdown()
+        return 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stopping = True
+
+    def _recover(self) -> None:
+        """Jobs a dead engine left 'running' (or 'cancelling') cannot be followed any more: stop and mark them."""
+        for job in self.store.list_jobs(status="running") + self.store.list_jobs(status="cancelling"):
+            if job["pid"] and _pid_alive(job["pid"]):
+                _kill_group(job["pid"], signal.SIGKILL)
+        for job in self.store.list_jobs(status="cancelling"):
+            self.store.finish_job(job["id"], "cancelled", error="cancelled while the engine was down")
+            self.store.refresh_run_status(job["run_id"])
+        for job_id in self.store.mark_running_as_interrupted("the engine stopped while this job was running; resume it"):
+            self.store.refresh_run_status(self.store.get_job(job_id)["run_id"])
+
+    def _shutdown(self) -> None:
+        for item in list(self.running.values()):
+            _kill_group(item.proc.pid, signal.SIGTERM)
+        deadline = time.time() + KILL_GRACE_S
+        for item in list(self.running.values()):
+            try:
+                item.proc.wait(timeout=max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                _kill_group(item.proc.pid, signal.SIGKILL)
+                item.proc.wait()
+            self.store.finish_job(item.job["id"], "interrupted", error="the engine was stopped; resume this job")
+            self.store.refresh_run_status(item.job["run_id"])
+        self.running.clear()
+        if self.engine_id is not None:
+            self.store.stop_engine(self.engine_id)
+
+    # -- jobs --------------------------------------------------------------------------------------------------
+    def _busy(self) -> set[str]:
+        return set().union(*(r.resources for r in self.running.values())) if self.running else set()
+
+    def _start_ready_jobs(self) -> None:
+        while not self.stopping:
+            job = self.store.claim_job(self._busy(), pid=None)
+            if job is None:
+                return
+            self._start(job)
+
+    def _start(self, job: dict) -> None:
+        run = self.store.get_run(job["run_id"])
+        log = workspace.log_path(Path(run["run_dir"]), job["id"], job["stage"], job["fmt"])
+        log.parent.mkdir(parents=True, exist_ok=True)
+        gpus = [r.split(":", 1)[1] for r in job["resources"].split(",") if r.startswith("cuda:")]
+        env = job_env(gpus)
+        cmd = [sys.executable, "-m", "engine.stages.job", "--workdir", str(self.workdir), "--job", str(job["id"])]
+        try:
+            launch = self._accelerate_launch(run, job, gpus)
+        except Exception as exc:  # noqa: BLE001 - a launch that cannot be built fails the job, not the engine
+            self.store.finish_job(job["id"], "failed", error=f"could not launch the job: {exc}")
+            self.store.refresh_run_status(job["run_id"])
+            return
+        with open(log, "ab") as out:
+            if launch is not None:  # multi-process training: accelerate launch starts the ranks, all in our session
+                cmd = launch.argv
+                out.write(("accelerate launch; the command of each machine rank:\n" +
+                           "".join(f"  rank {i}: {c}\n" for i, c in enumerate(launch.commands))).encode())
+                out.flush()
+            proc = subprocess.Popen(_at_low_priority(cmd), stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, cwd=workspace.REPO_ROOT, env=env, start_new_session=True)
+        self.store.update_job(job["id"], pid=proc.pid, log_path=str(log))
+        self.store.refresh_run_status(job["run_id"])
+        self.running[job["id"]] = Running(job, proc, set(job["resources"].split(",")))
+        print(f"started job {job['id']} {job['config'].get('key')} pid {proc.pid}", flush=True)
+
+    def _accelerate_launch(self, run: dict, job: dict, gpus: list[str]):
+        """The accelerate launch of a multi-process training job (its config written, the commands recorded for the
+        UI as a 'launch' artifact), or None for a one-process job."""
+        from engine.runtime import distributed
+        from engine.recipe.configs import Recipe
+
+        launch = distributed.prepare_launch(Recipe.model_validate(run["recipe"]), job, Path(run["run_dir"]),
+                                            self.workdir, gpus)
+        if launch is not None:
+            self.store.add_artifact(run["id"], job["id"], "launch", str(launch.config_path),
+                                    meta={"commands": launch.commands, "argv": launch.argv})
+        return launch
+
+    def _reap(self) -> None:
+        for job_id, item in list(self.running.items()):
+            code = item.proc.poll()
+            if code is None:
+                continue
+            del self.running[job_id]
+            _kill_group(item.proc.pid, signal.SIGKILL)  # leftover grandchildren (e.g. dataloader workers)
+            job = self.store.get_job(job_id)
+            if item.cancel_sent_at is not None or job["status"] == "cancelling":
+                self.store.finish_job(job_id, "cancelled", error="cancelled by the user")
+                self._note_gpu_release(job_id, item)
+            elif job["status"] == "running":  # the child died before it could record its outcome
+                tail = _tail(job["log_path"])
+                status = "interrupted" if code < 0 else "failed"
+                self.store.finish_job(job_id, status, error=failure_hints.explain_exit(code, tail), error_detail=tail)
+            self.store.refresh_run_status(job["run_id"])
+            print(f"job {job_id} ended with exit status {code}", flush=True)
+
+    def _note_gpu_release(self, job_id: int, item: Running) -> None:
+        gpus = sorted(int(r.split(":")[1]) for r in item.resources if r.startswith("cuda:"))
+        if gpus:
+            from engine.runtime.telemetry import gpu_release_note
+
+            try:
+                note = gpu_release_note(item.group_pids | {item.proc.pid}, gpus)
+            except Exception as exc:  # noqa: BLE001 - a failing NVML read must not take the engine down
+                note = f"GPU memory release not checked (NVML: {type(exc).__name__}: {exc})"
+            self.store.update_job(job_id, message=note)
+
+    def _handle_cancels(self) -> None:
+        now = time.time()
+        for job in self.store.list_jobs(status="cancelling"):
+            item = self.running.get(job["id"])
+            if item is None:
+                self.store.finish_job(job["id"], "cancelled", error="cancelled by the user")
+                self.store.refresh_run_status(job["run_id"])
+            elif item.cancel_sent_at is None:
+                item.group_pids = _group_pids(item.proc.pid)  # remembered to check their GPU memory afterwards
+                _kill_group(item.proc.pid, signal.SIGTERM)
+                item.cancel_sent_at = now
+            elif now - item.cancel_sent_at > KILL_GRACE_S:
+                _kill_group(item.proc.pid, signal.SIGKILL)
+
+
+def job_env(gpus: list[str], base: dict | None = None) -> dict:
+    """A job's environment: only its GPUs visible (none for a CPU job, so it cannot grab one another job holds),
+    numbered as NVML numbers them. The GPU picker, the queue and the cancel's release check use NVML's indices (PCI
+    bus order); CUDA's default order is "fastest first", which can differ on a machine of mixed GPUs."""
+    env = dict(os.environ if base is None else base, PYTHONUNBUFFERED="1")
+    env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    return env
+
+
+def _at_low_priority(cmd: list[str]) -> list[str]:
+    """Jobs run at nice 10: training takes every core it can get, and the web page must still answer at once.
+    Through the `nice` program, which execs the command in the same process (the pid we track), rather than a
+    preexec_fn: the engine has a telemetry thread, and Python code between fork and exec is unsafe with threads."""
+    nice = shutil.which("nice")
+    return [nice, "-n", str(JOB_NICENESS), *cmd] if nice else cmd
+
+
+def _group_pids(pgid: int) -> set[int]:
+    """Every process of a job's process group (e.g. all ranks under accelerate launch)."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(proc.info["pid"]) == pgid:
+                pids.add(proc.info["pid"])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # children were started with start_new_session: their pgid is their pid
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    """A running process (a zombie - killed, not yet reaped by a parent that may never reap it - is dead)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _tail(path: str | None, lines: int = 40) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64_000))
+        return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
+
+
+def ensure_engine(workdir: Path, idle_exit: float | None = None) -> int | None:
+    """Start a detached engine on `workdir` unless one is alive; returns the new engine's pid (None if one ran)."""
+    store = Store(workspace.db_path(workdir))
+    if any(_pid_alive(e["pid"]) for e in store.live_engines()):
+        return None
+    workdir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "engine.runtime.worker", "--workdir", str(workdir)]
+    if idle_exit is not None:
+        cmd += ["--idle-exit", str(idle_exit)]
+    with open(workdir / "engine.log", "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=workspace.REPO_ROOT, start_new_session=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:  # wait until it has registered, so callers see it as live
+        if any(e["pid"] == proc.pid for e in store.live_engines()):
+            return proc.pid
+        if proc.poll() is not None:
+            raise RuntimeError(f"the engine exited at once (status {proc.returncode}); see {workdir / 'engine.log'}")
+        time.sleep(0.1)
+    raise RuntimeError(f"the engine did not start within 30 s; see {workdir / 'engine.log'}")
+
+
+def request_cancel(store: Store, job_id: int) -> str:
+    """Cancel a job: queued ones at once, running ones by the engine (it kills the process group)."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise ValueError(f"no job {job_id}")
+    if job["status"] == "queued":
+        store.finish_job(job_id, "cancelled", error="cancelled by the user before it started")
+    elif job["status"] == "running":
+        store.update_job(job_id, status="cancelling")
+    store.refresh_run_status(job["run_id"])
+    return store.get_job(job_id)["status"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the QAT Studio engine in the foreground.")
+    parser.add_argument("--workdir", default=None, help="workspace (default: $QAT_STUDIO_HOME or ./workspace)")
+    parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    args = parser.parse_args(argv)
+    workdir = workspace.resolve_workdir(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Engine(workdir, idle_exit=args.idle_exit).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

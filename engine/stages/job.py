@@ -1,0 +1,101 @@
+"""One job, in its own process: `python -m engine.stages.job --workdir W --job N`.
+
+The engine starts this with stdout/stderr going to the job's log file. The stage's outcome is written to storage
+here (succeeded, or failed with the error, relevant log lines and advice); if this process dies without writing
+(SIGKILL, OOM killer), the engine records what happened from the exit status.
+
+Under `accelerate launch` (multi-process SFT / QAT, engine/runtime/distributed.py) every rank runs this. Only the main rank
+records success. A failure is recorded by the first rank that fails, main or not, and only while the job is still
+running: that rank has the real error, and the others (stopped by torchrun, or failing in a collective because a
+peer died) must not overwrite it. A rank killed outright records nothing; the engine then reads the log tail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+from engine.runtime import failure_hints, distributed, workspace
+from engine.recipe.configs import Recipe
+from engine.runtime.context import Context, pick_device
+from storage import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--job", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    workdir = workspace.resolve_workdir(args.workdir)
+    workspace.setup_extension_cache(workdir)
+    store = Store(workspace.db_path(workdir))
+    job = store.get_job(args.job)
+    if job is None:
+        print(f"job {args.job} not found in {store.path}", file=sys.stderr)
+        return 2
+    run = store.get_run(job["run_id"])
+    started = time.time()
+    rank, main = distributed.rank(), distributed.is_main_process()
+    where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
+    print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",
+          flush=True)
+    try:
+        recipe = Recipe.model_validate(run["recipe"])
+        ctx = Context(store, workdir, run, job, recipe, _rank_device(pick_device(recipe, job["resources"])))
+        from engine.stages import stage_function
+
+        result = stage_function(job["stage"])(ctx) or {}
+        if main:
+            store.update_job(job["id"], progress=1.0, message=_summary(result))
+            store.finish_job(job["id"], "succeeded")
+            print(f"== job {job['id']} succeeded (recorded by rank {rank})", flush=True)
+        print(f"== done in {time.time() - started:.1f} s: {json.dumps(result, default=str)[:2000]}", flush=True)
+        _leave_process_group()
+        return 0
+    except BaseException as exc:  # noqa: BLE001 - every failure must reach the UI, KeyboardInterrupt included
+        detail = traceback.format_exc()
+        print(detail, file=sys.stderr, flush=True)
+        message = failure_hints.explain(exc, detail)
+        if store.get_job(job["id"])["status"] == "running":  # first failure wins: later ranks fail because of it
+            store.finish_job(job["id"], "failed", error=f"{where}{message}", error_detail=detail[-6000:])
+            main = True  # this rank recorded the outcome: it refreshes the run below
+        return 1
+    finally:
+        if main:
+            store.refresh_run_status(job["run_id"])
+
+
+def _rank_device(device):
+    """Under a multi-GPU launch each local rank owns one of the job's GPUs (the engine made them visible)."""
+    if device.type != "cuda" or distributed.world_size() == 1:
+        return device
+    import torch
+
+    torch.cuda.set_device(distributed.local_rank())
+    return torch.device("cuda", distributed.local_rank())
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the trainer created, so ranks exit without gloo/NCCL teardown warnings. Only after
+    success: after a failure a peer may be gone, and tearing down NCCL then can block; torchrun stops the ranks."""
+    if distributed.world_size() == 1 or "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _summary(result: dict) -> str:
+    parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+             if isinstance(v, (int, float, str)) and len(str(v)) < 80]
+    return ", ".join(parts[:6])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

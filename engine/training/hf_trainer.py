@@ -1,0 +1,262 @@
+"""What SFT and QAT share: TRL trainer arguments from our config, metrics into storage, resume.
+
+SFT runs TRL's SFTTrainer; QAT runs modelopt's QATSFTTrainer (SFTTrainer plus modelopt's state handling) on the
+already fake-quantized model. Loss is on assistant tokens only (the chat template marks them).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from engine.recipe.configs import TrainConfig
+from engine.runtime.context import Context
+
+
+class StoreMetricsCallback(TrainerCallback):
+    """Trainer logs -> the metrics table (the UI plots them), plus tokens/s and job progress."""
+
+    def __init__(self, ctx: Context, stage_label: str):
+        self.ctx = ctx
+        self.stage_label = stage_label
+        self._last_time: float | None = None
+        self._last_tokens = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = time.time()
+        self._last_tokens = float(state.num_input_tokens_seen or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        values = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and k != "epoch"}
+        values.pop("total_flos", None)
+        tokens = float(state.num_input_tokens_seen or 0)
+        now = time.time()
+        if "loss" in values and self._last_time is not None and now > self._last_time and tokens > self._last_tokens:
+            values["tokens_per_s"] = (tokens - self._last_tokens) / (now - self._last_time)
+            self._last_time, self._last_tokens = now, tokens
+        if values:
+            self.ctx.metrics(state.global_step, **values)
+        if state.max_steps:
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "eval_loss", "learning_rate"))
+            self.ctx.progress(state.global_step / state.max_steps, f"{self.stage_label} step {state.global_step}/"
+                              f"{state.max_steps} {summary}")
+        if "loss" in values and not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"loss became {values['loss']} at step {state.global_step}: lower the learning rate "
+                "or check the data for empty/broken examples"
+            )
+
+
+def trl_args(cfg: TrainConfig, ctx: Context, output_dir: Path, max_length: int):
+    """TRL SFTConfig from our TrainConfig (the only place where our fields map onto TRL's)."""
+    from trl import SFTConfig
+
+    on_cuda = ctx.device.type == "cuda"
+    kwargs = dict(
+        output_dir=str(output_dir),
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=max(cfg.per_device_train_batch_size, 8),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5 takes a ratio as a float < 1 here
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=on_cuda and ctx.dtype.is_floating_point and ctx.dtype.itemsize == 2,
+        use_cpu=not on_cuda,
+        report_to=[],
+        assistant_only_loss=True,
+        max_length=max_length,
+        packing=False,
+        include_num_input_tokens_seen=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        save_only_model=False,
+    )
+    if cfg.lr_scheduler_type == "cosine_with_min_lr":
+        kwargs["lr_scheduler_kwargs"] = {"min_lr_rate": cfg.min_lr_rate}
+    return SFTConfig(**kwargs)
+
+
+def make_trainer(base: type, ctx: Context, cfg: TrainConfig, output_dir: Path, model, tokenizer, rows: tuple,
+                 label: str, **extra):
+    """`base` (TRL's SFTTrainer or modelopt's QATSFTTrainer) with atomic checkpoints, our arguments, the
+    (train, eval) rows and the metrics callback; `extra` goes to the trainer (peft_config, quant_args)."""
+    train_rows, eval_rows = rows
+    return atomic_trainer(base)(
+        model=model,
+        args=trl_args(cfg, ctx, output_dir, ctx.recipe.data.max_length),
+        train_dataset=as_dataset(train_rows),
+        eval_dataset=as_dataset(eval_rows[: cfg.eval_examples]),
+        processing_class=tokenizer,
+        callbacks=[StoreMetricsCallback(ctx, label)],
+        **extra,
+    )
+
+
+def stage_result(metrics: dict) -> dict:
+    """What a training stage reports as its result."""
+    return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
+    if not output_dir.exists():
+        return None
+    found = []
+    for child in output_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").exists():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
+
+
+def as_dataset(rows: list[dict]):
+    """Only `messages` goes to TRL: it renders them with the tokenizer's chat template."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": r["messages"]} for r in rows])
+
+
+def train(trainer, ctx: Context, output_dir: Path) -> dict:
+    """Run (or resume) training; on resume, metric rows after the checkpoint are dropped so plots stay continuous."""
+    resume = latest_checkpoint(output_dir)
+    main = trainer.is_world_process_zero()  # with several ranks only the main one writes to storage
+    if resume is not None and main:
+        dropped = ctx.store.delete_metrics_after(ctx.job_id, checkpoint_step(resume))
+        ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    metrics = dict(result.metrics)
+    if trainer.eval_dataset is not None:
+        done = _eval_at(trainer.state, trainer.state.global_step)
+        # The callback stores evaluate()'s eval_loss; evaluating again at a step already evaluated would store a
+        # second row for the same step. evaluate() runs on every rank: distributed evaluation is a collective.
+        metrics.update(done if done is not None else trainer.evaluate())
+    return metrics
+
+
+def _eval_at(state, step: int) -> dict | None:
+    """The eval metrics the trainer logged at `step`, if it evaluated there."""
+    return next((dict(e) for e in reversed(state.log_history) if "eval_loss" in e and e.get("step") == step), None)
+
+
+def atomic_trainer(base: type) -> type:
+    """`base` with checkpoints written to a staging dir and renamed into place.
+
+    transformers' Trainer writes `checkpoint-N` file by file; a kill mid-save would leave a directory that looks
+    like a checkpoint but is not. Here it is written under `.staging/` and moved with one rename.
+    With several ranks every rank writes into the staging dir (its own RNG state; FSDP / ZeRO-3 gather the weights
+    collectively), so: the main process clears the staging dir, all wait, all write, all wait, the main process
+    renames, all wait (so nobody looks for the checkpoint before it is in place).
+    Under FSDP the loss is the model's own instead of TRL's fused LM head (see compute_loss).
+    """
+
+    class AtomicCheckpoints(base):
+        def _save_checkpoint(self, model, trial):
+            import os
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            final_root = self.args.output_dir
+            staging = os.path.join(final_root, ".staging")
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
+            self.args.output_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir = final_root
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                target = os.path.join(final_root, name)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(os.path.join(staging, name), target)
+                _rotate(Path(final_root), self.args.save_total_limit)
+            self.accelerator.wait_for_everyone()
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if getattr(self, "is_fsdp_enabled", False) and _has_fused_lm_head(base):
+                # TRL's SFTTrainer computes the loss through its fused LM head, which runs the backbone and reads the
+                # lm_head weight outside FSDP2's hooks. Measured on 2 H100s (torch 2.11, accelerate 1.15, TRL 1.16):
+                # "aten.mul.Tensor got mixed torch.Tensor and DTensor" in the final norm. Under FSDP the model's own
+                # loss is used instead: the same cross-entropy over the same labels (assistant tokens only, the rest
+                # -100) and the router aux loss the model adds itself; TRL's token accuracy / entropy logs are lost.
+                from transformers import Trainer
+
+                return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            # keywords: modelopt's QAT trainer takes (model, inputs, return_outputs=False, **kwargs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    AtomicCheckpoints.__name__ = f"Atomic{base.__name__}"
+    return AtomicCheckpoints
+
+
+def save_final(trainer, tokenizer, out_dir: Path, merge=None) -> Path:
+    """Write the trained model as the stage's output (atomically), from the main process only.
+
+    One process or DDP: every rank holds the whole model; the main one saves it. `merge(model) -> model` merges
+    LoRA adapters first (W + BA; engine/training/lora.py).
+    FSDP2 / ZeRO-3: the weights are sharded, so all ranks call `trainer.save_model`, which gathers the full state
+    dict and writes it on the main process; then the main process renames it into place.
+    """
+    from engine.fp4 import model_io
+
+    out_dir = Path(out_dir)
+    accelerator = trainer.accelerator
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.unwrap_model(trainer.model).config.output_router_logits = False
+        trainer.save_model(str(tmp))
+        if trainer.args.should_save:
+            tokenizer.save_pretrained(str(tmp))
+            model_io.replace_dir(tmp, out_dir)
+    elif trainer.args.should_save:
+        model = accelerator.unwrap_model(trainer.model)
+        model_io.save_model_atomic(merge(model) if merge else model, tokenizer, out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir
+
+
+def _has_fused_lm_head(base: type) -> bool:
+    from trl import SFTTrainer
+
+    return issubclass(base, SFTTrainer)
+
+
+def _rotate(root: Path, keep: int | None) -> None:
+    import shutil
+
+    if not keep:
+        return
+    found = sorted((checkpoint_step(p), p) for p in root.glob("checkpoint-*") if p.is_dir())
+    for _, path in found[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The one entry point for measurements on a lent GPU machine (run from the repo root with .whl carried; results
+# land in $OUT, which the device tool brings back). Device time is scarce: name several steps in one call.
+#
+#   bash bench/device.sh STEP [STEP ...]
+#
+# Steps (each prints what it measures; JSON results go to $OUT/<step>.json, logs to $OUT/<step>.log):
+#   env            GPU, driver and library versions, one telemetry sample                       -> $OUT/env.txt
+#   gpu-tests      every test marked `gpu` (FP4 kernels, fast experts, jobs, telemetry, attention, ...)
+#   qat-step       bench/qat_step.py: BF16 vs engine QAT vs modelopt, 2-layer gpt-oss-20b cut, 4 x 1024
+#   qat-step-long  the same at 8 x 2048
+#   qat-w4a4       NVFP4 W4A4: modelopt's kernels vs our backend through modelopt's expert wrapper
+#   serve          bench/serve_bench.py: transformers serve of a 2-layer 20b-shaped checkpoint (load, TTFT, tokens/s)
+#   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
+#   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
+#
+# What each step found is recorded, with the card and the date, in docs/benchmarks.md.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed"; exit 1; }
+fi
+export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
+export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # the lender's rule: no multicast
+
+# step NAME SECONDS CMD...: run CMD under a time limit, its output teed to $OUT/NAME.log
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]} ($(date +%T))"
+}
+
+run_step() {
+  case "$1" in
+    env) {
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        python3 -c "import torch, triton, transformers, modelopt; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'modelopt', modelopt.__version__)"
+        python3 -c "import json; from engine.runtime import telemetry; print(json.dumps(telemetry.sample(), default=str)[:3000])"
+      } > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
+    gpu-tests) step gpu-tests 540 python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider ;;
+    qat-step) step qat-step 300 python3 bench/qat_step.py --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:nvfp4 \
+        --json "$OUT/qat-step.json" ;;
+    qat-step-long) step qat-step-long 200 python3 bench/qat_step.py --batch 8 --seq 2048 --steps 3 --warmup 1 \
+        --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:mxfp4 --json "$OUT/qat-step-long.json" ;;
+    qat-w4a4) step qat-w4a4 300 python3 bench/qat_step.py --paths bf16,modelopt:nvfp4_w4a4,wrapper:nvfp4_w4a4 \
+        --json "$OUT/qat-w4a4.json" ;;
+    serve) step serve 200 python3 bench/serve_bench.py --layers 2 --experts 32 --hidden 2880 --intermediate 2880 \
+        --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --requests 8 --max-tokens 128 --device cuda:0 \
+        --start-timeout 100 --json "$OUT/serve.json" ;;
+    mem-probe) for p in engine:nvfp4 engine:mxfp4; do step "mem-probe-${p/:/-}" 90 python3 bench/mem_probe.py --path "$p"; done ;;
+    fsdp) step fsdp 330 python3 bench/fsdp_scaling.py --runs 2x1,2x2,6x1,6x2 --json "$OUT/fsdp.json"
+        step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;
+    *) echo "unknown step '$1'; steps: env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp" >&2
+       return 2 ;;
+  esac
+}
+
+[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
+for s in "$@"; do run_step "$s" || exit $?; done

@@ -12,6 +12,9 @@ run: step time, tokens/s over all GPUs, peak memory on the busiest GPU (setup in
 and engine/training/estimate.py's prediction for the same model, strategy and GPU count. Scaling efficiency =
 tokens/s on 2 GPUs / (2 x tokens/s on 1 GPU), same model, same per-GPU batch.
 A run that does not fit ends with "out of memory" in its phase; that is a result, not a failure of the benchmark.
+
+Result: a table on stdout; --json FILE writes every run's numbers (kept in docs/results/, summarised with the
+card and the date in docs/benchmarks.md).
 """
 
 from __future__ import annotations

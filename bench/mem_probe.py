@@ -4,6 +4,8 @@ buffers, with what holds them. Memory held outside Python (e.g. an autograd grap
 `memory_allocated` and the tensors found.
 
     python bench/mem_probe.py --path engine:nvfp4 [--no-grad-calibration]
+
+Result: printed only (each tensor's size, shape and what holds it); nothing is written.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Paths:
   param:<fmt>      experiment: no modelopt at all; a torch parametrization fake-quantizes the expert weights
 Each step is forward + backward + AdamW step on random tokens; the model is random-init (speed does not depend on
 the values). The same optimizer and inputs for every path.
+
+Result: a table on stdout; --json FILE writes the same numbers (kept in docs/results/, summarised with the card
+and the date in docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@
 
 The tiny model is randomly initialised (speed does not depend on the weights); the data and arguments are the demo
 recipe's QAT settings with evaluation and checkpoints off. Prints seconds per step and the ratio to `sft`.
+
+Result: a table on stdout (seconds per step, ratio to `sft`); quoted with the date in README.md.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ Its tokenizer is the embedded one (harmony template). Each backend (transformers
 /v1/completions with a harmony-rendered prompt (vLLM's gpt-oss *chat* path needs the o200k vocabulary) through
 engine.serving.chat.ChatClient, every reply forced to exactly --max-tokens tokens (min_new_tokens / ignore_eos) so
 backends generate the same amount. TTFT and tokens/s are measured client side (see engine/serving/chat.py).
-Prints a table and writes JSON.
+
+Result: a table on stdout and JSON (--json, default WORKDIR/serve_bench.json), summarised in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ FILLER = ("the quick brown fox jumps over the lazy dog while seven small birds s
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shape = p.add_argument_group("model shape (gpt-oss-20b: 24 layers, 32 experts, hidden/intermediate 2880, "
                                  "64 heads, 8 kv heads, head dim 64, vocab 201088)")
     shape.add_argument("--layers", type=int, default=2)

@@ -288,6 +288,30 @@ class Store(ServiceRows):
                     return self.get_job(row["id"])
         return None
 
+    def ready_jobs(self, run_id: str, resources: str) -> list[dict]:
+        """Queued jobs of one run, on exactly these resources, whose dependencies have all succeeded (a snapshot:
+        claim one with claim_this_job, which checks again under the lock)."""
+        jobs = self.list_jobs(run_id)
+        status = {job["id"]: job["status"] for job in jobs}
+        return [job for job in jobs if job["status"] == "queued" and job["resources"] == resources
+                and all(status.get(dep) == "succeeded" for dep in job["depends_on"])]
+
+    def claim_this_job(self, job_id: int, pid: int, log_path: str | None = None) -> dict | None:
+        """Atomically take one given job if it is still queued with every dependency succeeded (a job process
+        chaining into the next job of its run); None if someone else took it or it is not ready."""
+        with self._write() as db:
+            row = db.execute("SELECT status, depends_on_json, attempt FROM jobs WHERE id = ?", [job_id]).fetchone()
+            if row is None or row[0] != "queued":
+                return None
+            deps = json.loads(row[1])
+            if any(s != "succeeded" for s in self._job_statuses(db, deps).values()) or \
+                    len(self._job_statuses(db, deps)) != len(set(deps)):
+                return None
+            db["jobs"].update(job_id, {"status": "running", "started_at": time.time(), "ended_at": None,
+                                       "attempt": row[2] + 1, "pid": pid, "log_path": log_path})
+            self._refresh_runs_of([job_id])
+        return self.get_job(job_id)
+
     def update_job(self, job_id: int, **fields: Any) -> None:
         self._update("jobs", job_id, fields)
 

@@ -91,3 +91,16 @@ def test_interrupted_pretraining_leaves_no_cache(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         embedded_model.ensure_tiny_base(tmp_path, steps=STEPS, log=crash, seed=1)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+def test_gpu_pretraining_is_deterministic_and_cached_apart_from_the_cpu_base(tmp_path):
+    tokenizer = embedded_model.load_tokenizer()
+    first = embedded_model.pretrain(tokenizer, STEPS, seed=0, log=lambda _: None, device="cuda")
+    second = embedded_model.pretrain(tokenizer, STEPS, seed=0, log=lambda _: None, device="cuda")
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert embedded_model.cache_key(STEPS, 0, device="cuda") != embedded_model.cache_key(STEPS, 0)
+    path = embedded_model.ensure_tiny_base(tmp_path, steps=STEPS, log=lambda _: None, device="cuda")
+    assert path.name.endswith(embedded_model.cache_key(STEPS, 0, device="cuda"))

@@ -122,14 +122,19 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cache_key(steps: int, seed: int, tokenizer_dir: Path = TOKENIZER_DIR) -> str:
+def cache_key(steps: int, seed: int, tokenizer_dir: Path = TOKENIZER_DIR, device: str = "cpu") -> str:
+    """Identifies a pre-trained base: same key, same weights. A base trained on a GPU gets its own key (its float
+    rounding differs from the CPU's; each is deterministic on its own kind of device)."""
     config = tiny_config(VOCAB_SIZE).to_dict()
     config.pop("transformers_version", None)
     tokenizer_files = [_file_sha(tokenizer_dir / f) for f in ("tokenizer.json", "tokenizer_config.json")]
-    blob = json.dumps({
+    fields = {
         "config": config, "generator": demo_tasks.GENERATOR_VERSION, "steps": steps, "seed": seed,
         "recipe": PRETRAIN, "tokenizer": tokenizer_files,
-    }, sort_keys=True, default=str)
+    }
+    if device != "cpu":  # keeps the CPU key of every base cached before GPUs could pre-train
+        fields["device"] = device
+    blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -178,13 +183,18 @@ def _deterministic_torch() -> Iterator[None]:
 
 
 def pretrain(
-    tokenizer: PreTrainedTokenizerBase, steps: int, seed: int, log: Callable[[str], None]
+    tokenizer: PreTrainedTokenizerBase, steps: int, seed: int, log: Callable[[str], None], device: str = "cpu",
 ) -> GptOssForCausalLM:
     """Plain fp32 torch loop. Loss on assistant tokens only: the prompts are templates with random slot values,
-    so predicting them would spend the small model's capacity on noise instead of the behaviour we evaluate."""
+    so predicting them would spend the small model's capacity on noise instead of the behaviour we evaluate.
+
+    On a GPU the same loop (same batches, same hyperparameters) runs on the device: on the H200 the CPU loop was
+    ~50 of the demo's 482 s (2026-12-03), ~0.08 s a step, where the GPU step is launch-bound at a few ms."""
     torch.manual_seed(seed)
     assert len(tokenizer) <= VOCAB_SIZE, "retrain the tokenizer or raise VOCAB_SIZE"
-    model = GptOssForCausalLM(tiny_config(VOCAB_SIZE))
+    if device != "cpu":  # cuBLAS is deterministic only with a fixed workspace (set before its first call)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    model = GptOssForCausalLM(tiny_config(VOCAB_SIZE)).to(device)
     model.train()
     batch_size = PRETRAIN["batch_size"]
     examples = encode_rows(tokenizer, demo_tasks.pretrain_rows(steps * batch_size, seed))
@@ -195,7 +205,7 @@ def pretrain(
     with _deterministic_torch():
         _train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log)
     model.eval()
-    return model
+    return model.to("cpu")
 
 
 def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
@@ -204,7 +214,7 @@ def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[i
     batch_size = PRETRAIN["batch_size"]
     for step in range(steps):
         batch = _collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
-        loss = model(**batch).loss
+        loss = model(**{k: v.to(model.device, non_blocking=True) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), PRETRAIN["max_grad_norm"])
         optimizer.step()
@@ -214,7 +224,8 @@ def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[i
             log(f"pretrain step {step + 1}/{steps} loss {loss.item():.3f}")
 
 
-def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], None] = print, seed: int = 0) -> Path:
+def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], None] = print, seed: int = 0,
+                     device: str = "cpu") -> Path:
     """Pre-train the embedded base model once and cache it; later calls return the cached directory at once.
 
     The directory holds model + tokenizer (with the chat template) + generation config, loadable offline with
@@ -222,22 +233,23 @@ def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], No
     leaves a half-written cache.
     """
     cache_root = Path(cache_root)
-    target = cache_root / f"tiny-gpt-oss-base-{cache_key(steps, seed)}"
+    target = cache_root / f"tiny-gpt-oss-base-{cache_key(steps, seed, device=device)}"
     if (target / "config.json").exists():
         log(f"tiny base model cached at {target}")
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer()
-    log(f"pre-training the tiny gpt-oss base model ({steps} steps, seed {seed}) ...")
+    log(f"pre-training the tiny gpt-oss base model ({steps} steps, seed {seed}, on {device}) ...")
     started = time.perf_counter()
-    model = pretrain(tokenizer, steps, seed, log)
+    model = pretrain(tokenizer, steps, seed, log, device)
     seconds = time.perf_counter() - started
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-base-", dir=cache_root))
     try:
         model.generation_config = generation_config()
         model.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
-        info = {"steps": steps, "seed": seed, "seconds": round(seconds, 1), "parameters": count_parameters(model)}
+        info = {"steps": steps, "seed": seed, "device": device, "seconds": round(seconds, 1),
+                "parameters": count_parameters(model)}
         (tmp / "pretrain.json").write_text(json.dumps(info, indent=2))
         os.replace(tmp, target)
     except OSError:

@@ -185,6 +185,12 @@ class HardwareConfig(StageConfig):
         "bit-exact to modelopt's reference QTensors, inside modelopt's expert wrapper), 'auto' (our backend and our "
         "fast experts path: each expert weight quantized once per forward, grouped matmuls; same numbers).",
     )
+    reuse_process: bool = Field(
+        True,
+        description="Run the run's next ready job in the process of the one that just finished (same device): "
+        "torch, transformers and modelopt are imported once, and a model loaded for an evaluation serves the "
+        "export after it. Each job keeps its own status, log, cancel and resume. Off: a fresh process per job.",
+    )
     strategy: Literal["single", "ddp", "fsdp2", "deepspeed_zero3"] = Field(
         "single",
         description="How SFT and QAT spread over processes: 'single' (one process), 'ddp' (a full copy per GPU), "

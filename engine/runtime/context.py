@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +22,9 @@ class Context:
     job: dict
     recipe: Recipe
     device: torch.device
+    # Models this job process has loaded, by job key ('sft', 'ptq:mxfp4', ...), kept for the next job of a chain
+    # (engine/stages/job.py runs several jobs of a run in one process). At most one entry: see stages/common.py.
+    models: dict = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:

@@ -111,7 +111,9 @@ class Engine:
             except subprocess.TimeoutExpired:
                 _kill_group(item.proc.pid, signal.SIGKILL)
                 item.proc.wait()
-            self.store.finish_job(item.job["id"], "interrupted", error="the engine was stopped; resume this job")
+            for job in self._jobs_of(item):
+                if job["status"] in ("running", "cancelling"):
+                    self.store.finish_job(job["id"], "interrupted", error="the engine was stopped; resume this job")
             self.store.refresh_run_status(item.job["run_id"])
         self.running.clear()
         if self.engine_id is not None:
@@ -167,6 +169,20 @@ class Engine:
                                     meta={"commands": launch.commands, "argv": launch.argv})
         return launch
 
+    def _process_of(self, job: dict) -> Running | None:
+        """The process running `job`: the one started for it, or the one it was chained into (same pid)."""
+        item = self.running.get(job["id"])
+        if item is None and job.get("pid"):
+            item = next((r for r in self.running.values() if r.proc.pid == job["pid"]), None)
+        return item
+
+    def _jobs_of(self, item: Running) -> list[dict]:
+        """Every job the process took: the one it was started for and those it chained into, latest state."""
+        first = self.store.get_job(item.job["id"])
+        chained = [j for j in self.store.list_jobs(item.job["run_id"], status=("running", "cancelling"))
+                   if j["pid"] == item.proc.pid and j["id"] != first["id"]]
+        return [first, *chained]
+
     def _reap(self) -> None:
         for job_id, item in list(self.running.items()):
             code = item.proc.poll()
@@ -174,16 +190,18 @@ class Engine:
                 continue
             del self.running[job_id]
             _kill_group(item.proc.pid, signal.SIGKILL)  # leftover grandchildren (e.g. dataloader workers)
-            job = self.store.get_job(job_id)
-            if item.cancel_sent_at is not None or job["status"] == "cancelling":
-                self.store.finish_job(job_id, "cancelled", error="cancelled by the user")
-                self._note_gpu_release(job_id, item)
-            elif job["status"] == "running":  # the child died before it could record its outcome
-                tail = _tail(job["log_path"])
-                status = "interrupted" if code < 0 else "failed"
-                self.store.finish_job(job_id, status, error=failure_hints.explain_exit(code, tail), error_detail=tail)
-            self.store.refresh_run_status(job["run_id"])
-            print(f"job {job_id} ended with exit status {code}", flush=True)
+            for job in self._jobs_of(item):
+                if item.cancel_sent_at is not None and job["status"] in ("running", "cancelling") \
+                        or job["status"] == "cancelling":
+                    self.store.finish_job(job["id"], "cancelled", error="cancelled by the user")
+                    self._note_gpu_release(job["id"], item)
+                elif job["status"] == "running":  # the child died before it could record its outcome
+                    tail = _tail(job["log_path"])
+                    status = "interrupted" if code < 0 else "failed"
+                    self.store.finish_job(job["id"], status, error=failure_hints.explain_exit(code, tail),
+                                          error_detail=tail)
+                self.store.refresh_run_status(job["run_id"])
+            print(f"job {job_id} (and the jobs chained after it) ended with exit status {code}", flush=True)
 
     def _note_gpu_release(self, job_id: int, item: Running) -> None:
         gpus = sorted(int(r.split(":")[1]) for r in item.resources if r.startswith("cuda:"))
@@ -199,7 +217,7 @@ class Engine:
     def _handle_cancels(self) -> None:
         now = time.time()
         for job in self.store.list_jobs(status="cancelling"):
-            item = self.running.get(job["id"])
+            item = self._process_of(job)
             if item is None:
                 self.store.finish_job(job["id"], "cancelled", error="cancelled by the user")
                 self.store.refresh_run_status(job["run_id"])

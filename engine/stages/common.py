@@ -29,13 +29,45 @@ def model_path(ctx: Context, key: str) -> Path:
     return workspace.model_path(ctx.run_dir, key)
 
 
-def open_model(ctx: Context, key: str):
-    """(model, tokenizer) of the stage with job key `key`, on this job's device."""
+def open_model(ctx: Context, key: str, consume: bool = False):
+    """(model, tokenizer) of the stage with job key `key`, on this job's device.
+
+    Reused from the previous job of this process when it loaded the same model (engine/stages/job.py chains the
+    jobs of a run): an evaluation followed by the export of the same QAT model loads it once. Only models read
+    from disk are kept, never a model a stage changed, so a reused model is the one a fresh load would give.
+    `consume=True` is for stages that change the model (train, quantize): they take it out of the cache.
+    """
+    cached = ctx.models.pop(key, None) if consume else ctx.models.get(key)
+    if cached is not None:
+        ctx.log(f"reusing {key}'s model, loaded by the previous job of this process")
+        return cached
+    release_models(ctx.models)  # one model at a time: free the last one before loading another
+    model, tokenizer = _load(ctx, key)
+    if not consume:
+        ctx.models[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def release_models(models: dict) -> None:
+    """Drop the models kept for a chain and give their memory back (GPU memory included)."""
+    if not models:
+        return
+    models.clear()
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _load(ctx: Context, key: str):
     path = model_path(ctx, key)
     trust = ctx.recipe.model.trust_remote_code
     quantized = (Path(path) / "modelopt_state.pth").exists()
     model = model_io.load_model(path, ctx.dtype, ctx.device, backend=backend(ctx) if quantized else None,
-                              trust_remote_code=trust)
+                                trust_remote_code=trust)
     if model_io.is_modelopt_model(model) and ctx.recipe.hardware.fp4_backend == "auto":
         from engine.fp4 import fast_experts
 
@@ -43,3 +75,17 @@ def open_model(ctx: Context, key: str):
         ctx.log(f"fast experts path on {switched} expert modules (fake quant once per forward, grouped_mm)")
     tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
     return model, tokenizer
+
+
+def model_needed(job: dict, recipe) -> str | None:
+    """The job key of the model a job starts from (what open_model will load), or None (report)."""
+    stage, fmt = job["stage"], job["fmt"]
+    if stage in ("evaluate", "export"):
+        return job["target"]
+    if stage == "sft":
+        return "prepare"
+    if stage == "ptq":
+        return job["config"].get("source", "sft" if recipe.sft.enabled else "prepare")
+    if stage == "qat":
+        return f"ptq:{fmt}"
+    return None

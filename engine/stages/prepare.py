@@ -17,7 +17,8 @@ def run(ctx: Context) -> dict:
         from engine.data.embedded_model import ensure_tiny_base
 
         ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
-        path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log)
+        path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log,
+                                device=ctx.device.type)
     else:
         path = resolve_checkpoint(source)
     ctx.progress(0.5, f"checking the checkpoint at {path}")

@@ -18,7 +18,7 @@ def run(ctx: Context) -> dict:
     fmt = ctx.job["fmt"]
     cfg = ctx.recipe.ptq
     source = ctx.job["config"].get("source", "sft" if ctx.recipe.sft.enabled else "prepare")
-    model, tokenizer = open_model(ctx, source)
+    model, tokenizer = open_model(ctx, source, consume=True)
     train_rows, _ = load_splits(ctx)
     calib = random.Random(cfg.calib_size).sample(train_rows, min(cfg.calib_size, len(train_rows)))
     if backend(ctx) is None and not any(Path(os.environ.get("TORCH_EXTENSIONS_DIR", "/nonexistent")).glob("*mx*")):

@@ -17,7 +17,7 @@ from engine.runtime.workspace import checkpoint_dir
 def run(ctx: Context) -> dict:
     fmt = ctx.job["fmt"]
     cfg = ctx.recipe.qat
-    model, tokenizer = open_model(ctx, f"ptq:{fmt}")
+    model, tokenizer = open_model(ctx, f"ptq:{fmt}", consume=True)
     # LoRA: adapters injected before the trainer sees the model, the fake quantizers kept in front of W + BA.
     adapters = lora.add_adapters(model, cfg, log=ctx.log) if cfg.lora else None
     out = checkpoint_dir(ctx.run_dir, "qat", fmt)

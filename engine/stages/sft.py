@@ -16,7 +16,7 @@ def run(ctx: Context) -> dict:
     from trl import SFTTrainer
 
     cfg = ctx.recipe.sft
-    model, tokenizer = open_model(ctx, "prepare")
+    model, tokenizer = open_model(ctx, "prepare", consume=True)
     out = checkpoint_dir(ctx.run_dir, "sft")
     trainer = hf_trainer.make_trainer(SFTTrainer, ctx, cfg, out, model, tokenizer, load_splits(ctx), "SFT",
                                     peft_config=lora.lora_config(cfg, model) if cfg.lora else None)

@@ -1,0 +1,70 @@
+"""A job process runs the next ready jobs of its run (engine/stages/job.py: claim_next_job): imports once, a model
+loaded for an evaluation reused by the export after it. Real engine, real processes, real SQLite.
+
+What must still hold: every job its own status, log and outcome; a job that crashes inside a chain (here a real
+SIGSEGV) marks only itself, the engine lives on and runs what is left in a fresh process; resume finishes the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from storage import Store
+from tests.helpers import launch, stop_engines, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path, shared_cache, monkeypatch):
+    monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
+    workdir = tmp_path / "ws"
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",
+                   "--ptq.formats", "mxfp4", "--sft.max_steps", "4", "--qat.max_steps", "2"])
+    assert proc.returncode == 0, proc.stderr
+    store = Store(workdir / "studio.db")
+    run_id = store.list_runs()[0]["id"]
+    try:
+        jobs = {j["config"]["key"]: j["id"] for j in store.list_jobs(run_id)}
+        sft = store.get_job(jobs["sft"])
+
+        def chained_eval_running():
+            job = store.get_job(jobs["evaluate:sft"])
+            first = store.get_job(jobs["sft"])
+            return job if job["status"] == "running" and first["status"] == "succeeded" and job["pid"] else None
+
+        victim = wait_for(chained_eval_running, timeout=600, what="evaluate:sft to start")
+        sft = store.get_job(jobs["sft"])
+        assert victim["pid"] == sft["pid"], "evaluate:sft should run in the process that trained SFT"
+        os.kill(victim["pid"], signal.SIGSEGV)  # a real crash of the chained job's process
+
+        wait_for(lambda: store.get_job(jobs["evaluate:sft"])["status"] not in ("running", "queued"), timeout=60,
+                 what="the crash to be recorded")
+        crashed = store.get_job(jobs["evaluate:sft"])
+        assert crashed["status"] == "interrupted" and "SIGSEGV" in (crashed["error"] or ""), crashed
+        assert store.get_job(jobs["sft"])["status"] == "succeeded"  # the job before it in that process is untouched
+
+        # The engine lives on and runs the rest (nothing else depends on evaluate:sft) in a fresh process.
+        wait_for(lambda: store.get_job(jobs["export:mxfp4"])["status"] in ("succeeded", "failed"), timeout=900,
+                 what="the rest of the run")
+        rest = [store.get_job(jobs[k]) for k in ("ptq:mxfp4", "qat:mxfp4", "evaluate:qat:mxfp4", "export:mxfp4")]
+        assert all(j["status"] == "succeeded" for j in rest), [(j["config"]["key"], j["status"]) for j in rest]
+        assert len({j["pid"] for j in rest}) == 1 and rest[0]["pid"] != sft["pid"]  # one new process took them all
+
+        # Each job kept its own log, starting with its own header; the export reused the evaluated QAT model.
+        for job in rest:
+            text = Path(job["log_path"]).read_text()
+            assert f"== job {job['id']} " in text
+            assert all(f"== job {other['id']} " not in text for other in rest if other["id"] != job["id"])
+        export_log = Path(rest[-1]["log_path"]).read_text()
+        assert "reusing qat:mxfp4's model" in export_log
+
+        resumed = launch(["--workdir", str(workdir), "resume", run_id], timeout=900)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert store.get_job(jobs["evaluate:sft"])["status"] == "succeeded"
+        assert store.get_run(run_id)["status"] == "succeeded"
+    finally:
+        stop_engines(store)

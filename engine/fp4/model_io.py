@@ -112,6 +112,10 @@ def load_model(
 
         torch_backend.register()  # restored quantizers name our backend; it must exist before the first forward
     kwargs: dict = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
+    if torch.device(device).type == "cuda":
+        # Straight to the GPU, shard by shard (and MXFP4 experts dequantized there): a 20b model never sits whole in
+        # CPU RAM first, and the upcast runs on the GPU instead of the CPU.
+        kwargs["device_map"] = str(torch.device(device))
     if local.is_dir() and is_mxfp4_checkpoint(local):
         # OpenAI's gpt-oss ships MXFP4 experts; we train in high precision, so dequantize on load.
         kwargs["quantization_config"] = Mxfp4Config(dequantize=True)

@@ -13,6 +13,7 @@
 #   serve          bench/serve_bench.py: transformers serve of a 2-layer 20b-shaped checkpoint (load, TTFT, tokens/s)
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
+#   engine-overhead  bench/engine_overhead.py: the demo recipe through the engine vs one bare process
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
@@ -53,7 +54,9 @@ run_step() {
     mem-probe) for p in engine:nvfp4 engine:mxfp4; do step "mem-probe-${p/:/-}" 90 python3 bench/mem_probe.py --path "$p"; done ;;
     fsdp) step fsdp 330 python3 bench/fsdp_scaling.py --runs 2x1,2x2,6x1,6x2 --json "$OUT/fsdp.json"
         step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;
-    *) echo "unknown step '$1'; steps: env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp" >&2
+    engine-overhead) step engine-overhead 480 python3 bench/engine_overhead.py --recipe assets/recipes/demo.yaml \
+        --json "$OUT/engine-overhead.json" ;;
+    *) echo "unknown step '$1'; steps: env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp engine-overhead" >&2
        return 2 ;;
   esac
 }

@@ -17,6 +17,7 @@
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
+[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -61,5 +62,4 @@ run_step() {
   esac
 }
 
-[ $# -gt 0 ] || { sed -n '2,18p' "$0"; exit 2; }
 for s in "$@"; do run_step "$s" || exit $?; done

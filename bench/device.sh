@@ -17,7 +17,11 @@
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
-[ $# -gt 0 ] || { sed -n '2,19p' "$0"; exit 2; }
+STEPS="env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp engine-overhead"
+[ $# -gt 0 ] || { sed -n '2,19p' "$0" | grep '^#'; exit 2; }
+for s in "$@"; do
+  case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
+done
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -57,8 +61,6 @@ run_step() {
         step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;
     engine-overhead) step engine-overhead 480 python3 bench/engine_overhead.py --recipe assets/recipes/demo.yaml \
         --json "$OUT/engine-overhead.json" ;;
-    *) echo "unknown step '$1'; steps: env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp engine-overhead" >&2
-       return 2 ;;
   esac
 }
 

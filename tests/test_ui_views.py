@@ -209,3 +209,22 @@ def test_dataset_preview_recounts_an_edited_file(tmp_path):
     assert len(before.data[0].x) == len(after.data[0].x) == 3
     assert min(after.data[0].x) > max(before.data[0].x) + 30
     assert "".join(text for text, _ in tokens).count("word") == 40  # the preview shows the edited row too
+
+
+def test_fine_tune_survival_shows_in_the_table_and_the_compare_tab(run, workdir):
+    from engine.evaluation.results import format_table, summary
+    from ui.state import AppState
+    from ui.tab_compare import layer_survival
+
+    store, run_id = run
+    tensor = "model.layers.0.mlp.experts.gate_up_proj"
+    store.put_eval(run_id, None, "sft", "bf16", {"pass_rate": 0.9, "eval_loss": 1.0})
+    for stage, erased in (("ptq", 0.94), ("qat", 0.12)):
+        store.put_eval(run_id, None, stage, "mxfp4", {
+            "pass_rate": 0.5, "eval_loss": 1.0, "finetune_erased_share": erased, "finetune_surviving_delta": 0.3,
+            "per_tensor_finetune_survival": {tensor: {"erased_share": erased, "surviving_delta": 0.3, "changed": 9}}})
+    table = format_table(summary(store, run_id))
+    assert "fine-tune erased %" in table and "94.0" in table and "12.0" in table
+    figure = layer_survival(AppState(workdir), [run_id])
+    bars = {trace.name: list(trace.y) for trace in figure.data}
+    assert bars == {"SFT+PTQ MXFP4": [0.94], "SFT+QAT MXFP4": [0.12]}, bars

@@ -119,13 +119,15 @@ def overlay_figure(curves: list[dict], x_title: str, y_title: str, height: int =
     return fig
 
 
-def layer_error_figure(items: list[dict], height: int = 380) -> go.Figure:
-    """Per-tensor relative weight error: x = tensor ('L0 gate_up'), one bar group per model; items = [{label,
+def layer_error_figure(items: list[dict], height: int = 380,
+                       title: str = "Per-layer weight quantization error vs SFT (hatched = QAT)",
+                       y_title: str = "‖Wq − W‖ / ‖W‖",
+                       empty_text: str = "no per-layer weight errors yet (PTQ/QAT evaluations record them)") -> go.Figure:
+    """One value per expert tensor: x = tensor ('L0 gate_up'), one bar group per model; items = [{label,
     stage, fmt, errors: {tensor name: value}}]."""
     items = [i for i in items if i["errors"]]
-    title = "Per-layer weight quantization error vs SFT (hatched = QAT)"
     if not items:
-        return empty("no per-layer weight errors yet (PTQ/QAT evaluations record them)", height, title)
+        return empty(empty_text, height, title)
     fig = go.Figure()
     for item in items:
         names = sorted(item["errors"], key=_layer_sort_key)
@@ -133,7 +135,7 @@ def layer_error_figure(items: list[dict], height: int = 380) -> go.Figure:
                              name=item["label"], marker_color=model_color(item["stage"], item["fmt"]),
                              marker_pattern_shape="/" if item["stage"] == "qat" else ""))
     fig.update_layout(**base_layout(title, height=height, barmode="group", hovermode="closest",
-                                    yaxis={"title": "‖Wq − W‖ / ‖W‖"}))
+                                    yaxis={"title": y_title}))
     return fig
 
 

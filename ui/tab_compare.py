@@ -13,7 +13,8 @@ from ui.state import AppState
 DASHES = ["solid", "dash", "dot", "dashdot", "longdash"]
 # (metric, label, higher is better)
 COLUMNS = [("pass_rate", "pass %", True), ("eval_loss", "eval loss", False), ("perplexity", "perplexity", False),
-           ("weight_rel_error", "weight rel. err", False)]
+           ("weight_rel_error", "weight rel. err", False),
+           ("finetune_erased_share", "fine-tune erased %", False)]
 
 
 def build(state: AppState) -> None:
@@ -24,13 +25,14 @@ def build(state: AppState) -> None:
         metric = gr.Radio(["loss", "eval_loss"], value="loss", label="Curve", scale=1)
     curves = gr.Plot(show_label=False, elem_id="compare-curves")
     table = gr.HTML(elem_id="compare-table")
-    layers = gr.Plot(show_label=False,
-                     elem_id="compare-layers")
+    with gr.Row(equal_height=True):
+        layers = gr.Plot(show_label=False, elem_id="compare-layers")
+        survival = gr.Plot(show_label=False, elem_id="compare-survival")
 
     gr.on(state.shown("compare", every=30.0), lambda run_id, chosen: _with_selected(state, run_id, chosen),
           [state.run, runs], runs, show_progress="hidden")
     gr.on([runs.change, x_axis.change, metric.change], lambda r, x, m: draw(state, r, x, m), [runs, x_axis, metric],
-          [curves, table, layers], show_progress="hidden")
+          [curves, table, layers, survival], show_progress="hidden")
 
 
 def _with_selected(state: AppState, run_id: str | None, chosen: list[str] | None):
@@ -43,7 +45,8 @@ def _with_selected(state: AppState, run_id: str | None, chosen: list[str] | None
 
 def draw(state: AppState, run_ids: list[str] | None, x_axis: str, metric: str):
     run_ids = [r for r in (run_ids or []) if state.store().get_run(r)]
-    return loss_curves(state, run_ids, x_axis, metric), metrics_table(state, run_ids), layer_errors(state, run_ids)
+    return (loss_curves(state, run_ids, x_axis, metric), metrics_table(state, run_ids), layer_errors(state, run_ids),
+            layer_survival(state, run_ids))
 
 
 def loss_curves(state: AppState, run_ids: list[str], x_axis: str, metric: str):
@@ -131,6 +134,24 @@ def _cell(value, base, higher_better: bool) -> str:
     better = (delta > 0) == higher_better
     digits = 1 if pct == 100 else 4
     return f"{shown} <span class='delta {'up' if better else 'down'}'>({delta * pct:+.{digits}f})</span>"
+
+
+def layer_survival(state: AppState, run_ids: list[str]):
+    """Per layer and format: the share of the expert weights SFT changed that are served at the base's value."""
+    store = state.store()
+    items = []
+    for run_id in run_ids:
+        for ev in store.evals(run_id):
+            per_tensor = ev["metrics"].get("per_tensor_finetune_survival")
+            if ev["stage"] in ("ptq", "qat") and per_tensor:
+                label = charts.model_label(ev["stage"], ev["fmt"])
+                items.append({"label": f"{run_id[-9:]} {label}" if len(run_ids) > 1 else label,
+                              "stage": ev["stage"], "fmt": ev["fmt"],
+                              "errors": {name: v["erased_share"] for name, v in per_tensor.items()}})
+    return charts.layer_error_figure(
+        items, title="Fine-tune erased by quantization, per layer (share of SFT-changed expert weights served at "
+        "the base's value; hatched = QAT)", y_title="erased share", empty_text="no fine-tune survival yet (PTQ/QAT "
+        "evaluations after SFT record it)")
 
 
 def layer_errors(state: AppState, run_ids: list[str]):

@@ -55,6 +55,8 @@ def table_rows(data: dict) -> list[dict]:
             item["pass %"] += f" ±{100 * m['pass_rate_ci95']:.1f}"
         item["eval loss"] = f"{m['eval_loss']:.4f}" if "eval_loss" in m else "-"
         item["weight rel. err"] = f"{m['weight_rel_error']:.4f}" if "weight_rel_error" in m else "-"
+        if any("finetune_erased_share" in r["metrics"] for r in data["rows"]):
+            item["fine-tune erased %"] = _pct(m.get("finetune_erased_share"))
         out.append(item)
     return out
 

@@ -164,10 +164,16 @@ def effective_expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for item in expert_weights(model):
         q = item.quantizer
         if q is not None and q.is_enabled:
-            out[item.name] = q(item.weight.transpose(-1, -2).contiguous()).transpose(-1, -2).contiguous()
+            out[item.name] = apply_weight_quantizer(q, item.weight)
         else:
             out[item.name] = item.weight.detach().clone()
     return out
+
+
+@torch.no_grad()
+def apply_weight_quantizer(quantizer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An (E, in, out) expert weight through its quantizer, blocks along the input dim (as modelopt's wrapper)."""
+    return quantizer(weight.transpose(-1, -2).contiguous()).transpose(-1, -2).contiguous()
 
 
 @torch.no_grad()

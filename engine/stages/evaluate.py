@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.evaluation import evaluator
+from engine.evaluation import evaluator, survival
 from engine.runtime.context import Context
 from engine.stages.common import load_splits, model_path, open_model
 
@@ -36,9 +36,26 @@ def run(ctx: Context) -> dict:
         reference_key = "sft" if ctx.recipe.sft.enabled else "prepare"
         reference = evaluator.load_expert_weights(model_path(ctx, reference_key))
         metrics.update(evaluator.weight_errors(model, reference))
+        if ctx.recipe.sft.enabled:
+            metrics.update(survival_metrics(ctx, model))
     ctx.store.put_eval(ctx.run_id, ctx.job_id, stage, fmt, metrics)
     ctx.store.add_eval_examples([example_row(ctx, stage, fmt, i, r) for i, r in enumerate(results)])
     return {k: v for k, v in metrics.items() if isinstance(v, float) and not k.startswith("per_tensor")}
+
+
+def survival_metrics(ctx: Context, model) -> dict:
+    """How much of the fine-tune survives this model's quantization (engine/evaluation/survival.py), against the
+    base model's expert weights as stored. An OpenAI MXFP4 base stores its experts as _blocks/_scales, not as the
+    tensors read here: the diagnostic is then left out (and the log says so)."""
+    base = evaluator.load_expert_weights(model_path(ctx, "prepare"))
+    result = survival.fine_tune_survival(model, base) if base else None
+    if result is None:
+        ctx.log("fine-tune survival not computed: the base model's expert weights are not stored unquantized")
+        return {}
+    ctx.log(f"fine-tune survival: {100 * result['erased_share']:.1f}% of the expert weights SFT changed are served "
+            f"at the base's value; surviving delta {result['surviving_delta']:.3f}")
+    return {"finetune_erased_share": result["erased_share"], "finetune_surviving_delta": result["surviving_delta"],
+            "per_tensor_finetune_survival": result["per_tensor"]}
 
 
 def pick_examples(rows: list[dict], per_task: int) -> list[dict]:

@@ -228,3 +228,17 @@ def test_fine_tune_survival_shows_in_the_table_and_the_compare_tab(run, workdir)
     figure = layer_survival(AppState(workdir), [run_id])
     bars = {trace.name: list(trace.y) for trace in figure.data}
     assert bars == {"SFT+PTQ MXFP4": [0.94], "SFT+QAT MXFP4": [0.12]}, bars
+
+
+def test_story_lines_say_what_ptq_lost_and_qat_recovered():
+    from engine.evaluation.results import story_lines
+
+    def row(stage, fmt, rate, ci):
+        return {"stage": stage, "format": fmt, "metrics": {"pass_rate": rate, "pass_rate_ci95": ci}}
+
+    data = {"rows": [row("sft", "bf16", 0.99, 0.01), row("ptq", "mxfp4", 0.89, 0.02), row("qat", "mxfp4", 0.98, 0.01),
+                     row("ptq", "nvfp4", 0.985, 0.01), row("qat", "nvfp4", 0.99, 0.01)]}
+    mx, nv = story_lines(data)
+    assert mx.startswith("MXFP4: PTQ lost 10.0 ± 2.2 points") and "QAT recovered 90% of it" in mx
+    assert nv.startswith("NVFP4: PTQ lost no measurable pass rate (+0.5 ± 1.4 points vs SFT)")
+    assert "recovered" not in nv

@@ -1,11 +1,14 @@
 """Compare tab: several runs (or the formats within one) side by side: overlaid loss curves (SFT, then QAT, by step
-or by tokens), eval metrics with deltas highlighted, and the per-layer weight quantization error per format."""
+or by tokens), eval metrics with deltas highlighted, each run's PTQ-vs-QAT story in one line per format, and per layer
+the weight quantization error and how much of the fine-tune quantization erased."""
 
 from __future__ import annotations
 
+from html import escape as esc
+
 import gradio as gr
 
-from engine.evaluation.results import STAGE_ORDER
+from engine.evaluation.results import STAGE_ORDER, story_lines, summary
 from ui import charts
 from ui.palette import model_color
 from ui.state import AppState
@@ -117,7 +120,10 @@ def metrics_table(state: AppState, run_ids: list[str]) -> str:
             label = charts.model_label(*key)
             body.append(f"<tr><td><span class='dot' style='background:{model_color(*key)}'></span>{label}</td>"
                         f"<td><code>{run_id}</code></td>{cells}</tr>")
-    return (f"<table class='compare'><tr><th>model</th><th>run</th>{head}</tr>{''.join(body)}</table>"
+    stories = [f"<li><code>{run_id}</code> {esc(line)}</li>" for run_id in run_ids
+               for line in story_lines(summary(store, run_id))]
+    story = f"<ul class='story'>{''.join(stories)}</ul>" if stories else ""
+    return (f"{story}<table class='compare'><tr><th>model</th><th>run</th>{head}</tr>{''.join(body)}</table>"
             "<div class='note'>Δ vs the baseline: green = better, red = worse.</div>")
 
 

@@ -74,4 +74,45 @@ def format_table(data: dict) -> str:
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
     rule = "  ".join("-" * w for w in widths)
     body = ["  ".join(str(r[h]).ljust(w) for h, w in zip(headers, widths)) for r in rows]
-    return "\n".join([line, rule, *body])
+    story = story_lines(data)
+    return "\n".join([line, rule, *body, *([""] + story if story else [])])
+
+
+def story_lines(data: dict) -> list[str]:
+    """One line per format that has SFT, PTQ and QAT evaluated: what PTQ cost and how much of it QAT won back.
+
+    A difference of pass rates carries both rates' 95% intervals (half widths added in quadrature, a normal
+    approximation): a PTQ loss inside that interval is reported as no measurable loss, and no recovery share is
+    claimed for it, since a share of noise means nothing."""
+    rows = {(r["stage"], r["format"]): r["metrics"] for r in data["rows"]}
+    sft = rows.get(("sft", "bf16"))
+    if not sft or "pass_rate" not in sft:
+        return []
+    lines = []
+    formats = [fmt for (stage, fmt) in rows if stage == "ptq"]
+    for fmt in formats:
+        ptq, qat = rows.get(("ptq", fmt), {}), rows.get(("qat", fmt), {})
+        if "pass_rate" not in ptq:
+            continue
+        lost, lost_ci = _difference(sft, ptq)
+        name = fmt.upper()
+        if lost <= lost_ci:
+            line = (f"{name}: PTQ lost no measurable pass rate ({100 * lost:+.1f} ± {100 * lost_ci:.1f} points "
+                    f"vs SFT)")
+            if "pass_rate" in qat:
+                gained, gained_ci = _difference(qat, ptq)
+                line += f"; QAT {100 * gained:+.1f} ± {100 * gained_ci:.1f} points vs PTQ"
+        else:
+            line = f"{name}: PTQ lost {100 * lost:.1f} ± {100 * lost_ci:.1f} points of pass rate"
+            if "pass_rate" in qat:
+                recovered = (qat["pass_rate"] - ptq["pass_rate"]) / lost
+                line += f"; QAT recovered {100 * recovered:.0f}% of it ({100 * qat['pass_rate']:.1f}% vs SFT's " \
+                        f"{100 * sft['pass_rate']:.1f}%)"
+        lines.append(line + ".")
+    return lines
+
+
+def _difference(a: dict, b: dict) -> tuple[float, float]:
+    """a's pass rate minus b's, and the 95% half width of that difference."""
+    ci = (a.get("pass_rate_ci95", 0.0) ** 2 + b.get("pass_rate_ci95", 0.0) ** 2) ** 0.5
+    return a["pass_rate"] - b["pass_rate"], ci

@@ -45,11 +45,11 @@ def test_v1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
     assert "telemetry" not in _tables(path)
 
     with Store(path) as store:
-        assert schema_version(store.db) == SCHEMA_VERSION == 2
+        assert schema_version(store.db) == SCHEMA_VERSION == 3
         run = store.get_run("20240101-000000-abcd")
         assert run["name"] == "legacy" and run["recipe"] == {"lr": 0.1}
         store.add_telemetry({"gpu": 1})  # v2 tables are usable
-    assert {"telemetry", "engines", "servers"} <= _tables(path)
+    assert {"telemetry", "engines", "servers", "apps"} <= _tables(path)
     with Store(path) as again:  # re-opening applies nothing and loses nothing
         assert migrate(again.db) == [] and len(again.list_runs()) == 1
 

@@ -47,6 +47,9 @@ class ServiceRows:
             if rows and rows[0]["status"] == "running":
                 self._update("engines", engine_id, {"status": "dead", "stopped_at": rows[0]["heartbeat_at"]})
 
+    def list_engines(self) -> list[dict]:
+        return self._select("engines", [], [], "id")
+
     def running_engines(self) -> list[dict]:
         """Every engine row that says it runs, fresh heartbeat or not (see live_engines)."""
         return self._select("engines", ["status = 'running'"], [], "id")

@@ -26,6 +26,7 @@ class StoreMetricsCallback(TrainerCallback):
         self.stage_label = stage_label
         self._last_time: float | None = None
         self._last_tokens = 0.0
+        self.note = ""  # appended to every progress message (a restart from step 0 stays visible while it trains)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.time()
@@ -46,7 +47,7 @@ class StoreMetricsCallback(TrainerCallback):
         if state.max_steps:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "eval_loss", "learning_rate"))
             self.ctx.progress(state.global_step / state.max_steps, f"{self.stage_label} step {state.global_step}/"
-                              f"{state.max_steps} {summary}")
+                              f"{state.max_steps} {summary}{self.note}")
         if "loss" in values and not math.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"loss became {values['loss']} at step {state.global_step}: lower the learning rate "
@@ -140,6 +141,9 @@ def train(trainer, ctx: Context, output_dir: Path) -> dict:
             ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
         elif ctx.job.get("attempt", 1) > 1 or dropped:
             ctx.progress(0.0, f"{NO_CHECKPOINT} (dropped {dropped} metric rows of the lost steps)")
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, StoreMetricsCallback):
+                    callback.note = f" ({NO_CHECKPOINT})"
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:

@@ -87,11 +87,12 @@ def load_and_validate(recipe_path: str, overrides: dict) -> Recipe:
 
 
 def settle(store) -> None:
-    """With no live engine, jobs still marked running whose processes are gone (power cut, killed engine, reboot)
-    become 'interrupted': what `status` shows and what `resume` picks up. A live engine settles its own jobs."""
+    """With no engine process alive, jobs still marked running whose processes are gone (power cut, killed engine,
+    reboot) become 'interrupted': what `status` shows and what `resume` picks up. An engine whose process lives
+    settles its own jobs, even while its heartbeat lags (it may be between claiming a job and starting it)."""
     from engine.runtime import processes
 
-    if processes.live_engine(store) is None:
+    if not any(processes.engine_alive(e, max_age_s=float("inf")) for e in store.running_engines()):
         processes.settle_dead_jobs(store)
 
 

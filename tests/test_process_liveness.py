@@ -14,7 +14,7 @@ import pytest
 
 from engine.runs import resume_note, resume_run
 from engine.runtime import processes
-from engine.runtime.worker import Engine, ensure_engine
+from engine.runtime.worker import Engine, ensure_engine, stop_engine
 from storage import Store
 from tests.helpers import launch, wait_for
 
@@ -92,20 +92,23 @@ def test_after_a_reboot_a_reused_pid_is_not_the_job(workdir, sleeper):
 
 def test_stop_ends_the_engine_and_an_app_engine_exits_without_its_app(workdir):
     store = Store(workdir / "studio.db")
-    pid = ensure_engine(workdir, idle_exit=None, app_gone_exit=2.0)
-    beat_until = time.time() + 5
-    app_id = None
-    while time.time() < beat_until:  # an app beating: the idle engine stays
-        app_id = store.app_heartbeat(app_id, 1, "test")
-        time.sleep(0.3)
-    assert processes.pid_alive(pid), "the engine left while an app was beating"
-    wait_for(lambda: not processes.pid_alive(pid), timeout=15, what="the engine to exit once the app stopped beating")
-    assert "no app seen" in (workdir / "engine.log").read_text()
-    assert store.list_engines()[-1]["status"] == "stopped"
+    try:
+        pid = ensure_engine(workdir, idle_exit=None, app_gone_exit=2.0)
+        beat_until = time.time() + 5
+        app_id = None
+        while time.time() < beat_until:  # an app beating: the idle engine stays
+            app_id = store.app_heartbeat(app_id, 1, "test")
+            time.sleep(0.3)
+        assert processes.pid_alive(pid), "the engine left while an app was beating"
+        wait_for(lambda: not processes.pid_alive(pid), timeout=15, what="the engine to exit once the app stopped")
+        assert "no app seen" in (workdir / "engine.log").read_text()
+        assert store.list_engines()[-1]["status"] == "stopped"
 
-    pid = ensure_engine(workdir, idle_exit=None, app_gone_exit=None)
-    out = launch(["--workdir", str(workdir), "stop"], timeout=120)
-    assert out.returncode == 0 and f"stopped engine pid {pid}" in out.stdout, out.stdout + out.stderr
-    assert not processes.pid_alive(pid) and store.list_engines()[-1]["status"] == "stopped"
-    again = launch(["--workdir", str(workdir), "stop"], timeout=120)
-    assert again.returncode == 0 and "no engine running" in again.stdout
+        pid = ensure_engine(workdir, idle_exit=None, app_gone_exit=None)
+        out = launch(["--workdir", str(workdir), "stop"], timeout=120)
+        assert out.returncode == 0 and f"stopped engine pid {pid}" in out.stdout, out.stdout + out.stderr
+        assert not processes.pid_alive(pid) and store.list_engines()[-1]["status"] == "stopped"
+        again = launch(["--workdir", str(workdir), "stop"], timeout=120)
+        assert again.returncode == 0 and "no engine running" in again.stdout
+    finally:
+        stop_engine(workdir)  # also when an assertion failed: no engine outlives the test

@@ -5,6 +5,7 @@ nor killed, `launch.py stop` and the app-less exit stop an engine cleanly.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -112,3 +113,17 @@ def test_stop_ends_the_engine_and_an_app_engine_exits_without_its_app(workdir):
         assert again.returncode == 0 and "no engine running" in again.stdout
     finally:
         stop_engine(workdir)  # also when an assertion failed: no engine outlives the test
+
+
+def test_gpu_release_check_sees_every_rank(workdir, sleeper, fake_gpu):
+    """A cancelled multi-process job: NVML (the conftest's fake driver) shows a rank - this test process, registered
+    as one - still holding memory on the job's GPU, and the check after the cancel must name it, though the rank is
+    outside the launcher's process group."""
+    from engine.runtime.worker import Running
+
+    store = Store(workdir / "studio.db")
+    _, job = _run_with_job(store, workdir, pid=sleeper.pid, pid_started_at=processes.start_time(sleeper.pid))
+    store.register_rank(job, os.getpid(), processes.start_time(os.getpid()))
+    item = Running(store.get_job(job), sleeper, {"cuda:0"})
+    Engine(workdir)._note_gpu_release(job, item)
+    assert f"GPU memory still held after the cancel: pid {os.getpid()} on cuda:0" in store.get_job(job)["message"]

@@ -366,17 +366,6 @@ class Store(ServiceRows):
                                                "ended_at": None, "error": None, "error_detail": None})
             self._refresh_runs_of(requeue)
 
-    def mark_running_as_interrupted(self, reason: str) -> list[int]:
-        """Engine start-up recovery: jobs left 'running' by a dead engine become 'interrupted' (their runs too).
-        Only call it when no other engine is live (see live_engines), or it would steal that engine's jobs."""
-        with self._write() as db:
-            running = list(db.query("SELECT id, run_id FROM jobs WHERE status = 'running' ORDER BY id"))
-            now = time.time()
-            for row in running:
-                db["jobs"].update(row["id"], {"status": "interrupted", "error": _one_line(reason), "ended_at": now})
-            self._refresh_runs_of([row["id"] for row in running])
-        return [row["id"] for row in running]
-
     # ---- metrics --------------------------------------------------------------------------------------------------
 
     def log_metrics(self, job_id: int, step: int, values: dict[str, float], time: float | None = None) -> None:

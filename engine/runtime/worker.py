@@ -72,7 +72,7 @@ class Engine:
         recorder = telemetry.Recorder(self.store, self.workdir, every_s=self.telemetry_every_s)
         recorder.start()
         print(f"engine {self.engine_id} (pid {os.getpid()}) serving {self.workdir}", flush=True)
-        last_beat, idle_since, started = 0.0, time.time(), time.time()
+        last_beat, idle_since = 0.0, time.time()
         try:
             while not self.stopping:
                 now = time.time()
@@ -87,7 +87,7 @@ class Engine:
                 elif self.idle_exit is not None and now - idle_since > self.idle_exit:
                     print("idle; exiting", flush=True)
                     break
-                elif self._app_gone(now, max(idle_since, started)):
+                elif self._app_gone(now, idle_since):
                     print(f"idle and no app seen for {self.app_gone_exit:.0f} s; exiting", flush=True)
                     break
                 time.sleep(self.poll_s)

@@ -7,6 +7,7 @@
     python launch.py cancel RUN_ID          stop a run (kills its jobs' process trees)
     python launch.py status [RUN_ID]        runs, or one run's jobs and results
     python launch.py engine                 the background engine, in the foreground
+    python launch.py stop                   stop the background engine (running jobs become interrupted)
     python launch.py serve CHECKPOINT       serve an exported checkpoint (OpenAI-compatible API on 127.0.0.1)
 
 Every command takes --workdir (default: $QAT_STUDIO_HOME or ./workspace).
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = sub.add_parser("engine", help="run the engine in the foreground")
     engine.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+
+    sub.add_parser("stop", help="stop the engine; its running jobs become interrupted (resume them later)")
 
     serve = sub.add_parser("serve", help="serve a checkpoint with an OpenAI-compatible API")
     serve.add_argument("checkpoint")
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
 
             workdir.mkdir(parents=True, exist_ok=True)
             return Engine(workdir, idle_exit=args.idle_exit).serve()
+        if command == "stop":
+            from cli.commands import cmd_stop
+
+            return cmd_stop(workdir)
         if command == "serve":
             from engine.serving.server_process import cmd_serve
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from engine.runtime import workspace
-from engine.runs import UserError, load_and_validate, resume_run
+from engine.runs import UserError, load_and_validate, resume_note, resume_run, settle
 
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
 
@@ -82,6 +82,9 @@ def cmd_resume(run_id: str, workdir: Path, wait: bool = True) -> int:
         print(f"run {run_id}: nothing to resume (no failed, interrupted or cancelled jobs)")
         return 0
     print(f"run {run_id}: re-queued jobs {requeued}")
+    for job_id in requeued:
+        job = store.get_job(job_id)
+        print(f"  {job['config']['key']}: {resume_note(store, job)}")
     ensure_engine(workdir, idle_exit=15.0)
     return watch(store, run_id) if wait else 0
 
@@ -101,6 +104,7 @@ def cmd_cancel(run_id: str, workdir: Path) -> int:
 
 def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
     store = _existing_store(workdir)
+    settle(store)  # a job whose process died with its engine reads 'interrupted', not 'running' for ever
     if run_id is None:
         runs = store.list_runs()
         if as_json:
@@ -116,6 +120,28 @@ def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
 
     print()
     print(format_table(summary(store, run_id)))
+    return 0
+
+
+def cmd_stop(workdir: Path) -> int:
+    """Stop the workspace's engine: its running jobs become 'interrupted' (resume them later)."""
+    from engine.runtime.worker import stop_engine
+
+    store = _existing_store(workdir)
+    running = [j["id"] for j in store.list_jobs(status=("running", "cancelling"))]
+    try:
+        stopped = stop_engine(workdir)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not stopped:
+        print(f"no engine running on {workdir}")
+    else:
+        print(f"stopped engine pid {', '.join(map(str, stopped))} on {workdir}")
+    for job_id in running:
+        job = store.get_job(job_id)
+        print(f"  job {job_id} {job['config']['key']}: {job['status']} (resume with: python launch.py resume "
+              f"{job['run_id']})")
     return 0
 
 

@@ -86,8 +86,29 @@ def load_and_validate(recipe_path: str, overrides: dict) -> Recipe:
     return recipe
 
 
+def settle(store) -> None:
+    """With no engine process alive, jobs still marked running whose processes are gone (power cut, killed engine,
+    reboot) become 'interrupted': what `status` shows and what `resume` picks up. An engine whose process lives
+    settles its own jobs, even while its heartbeat lags (it may be between claiming a job and starting it)."""
+    from engine.runtime import processes
+
+    if not any(processes.engine_alive(e, max_age_s=float("inf")) for e in store.running_engines()):
+        processes.settle_dead_jobs(store)
+
+
+def resume_note(store, job: dict) -> str:
+    """Where a re-queued job continues: a training job from its newest checkpoint or from step 0; others rerun."""
+    if job["stage"] not in ("sft", "qat"):
+        return "runs again"
+    run = store.get_run(job["run_id"])
+    fmt = job["fmt"] if job["stage"] == "qat" else None
+    return workspace.resume_point(Path(run["run_dir"]), job["stage"], fmt)
+
+
 def resume_run(store, run_id: str) -> list[int]:
-    """Re-queue the run's unfinished jobs; trainers pick up their last checkpoint."""
+    """Re-queue the run's unfinished jobs (jobs whose process died count as interrupted); trainers pick up their
+    last checkpoint."""
+    settle(store)
     ids = []
     for job in store.list_jobs(run_id):
         if job["status"] in ("failed", "interrupted", "cancelled"):

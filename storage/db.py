@@ -283,7 +283,8 @@ class Store(ServiceRows):
                 deps_done = all(status.get(dep) == "succeeded" for dep in json.loads(row["depends_on_json"]))
                 if deps_done and not (_resources(row["resources"]) & busy):
                     db["jobs"].update(row["id"], {"status": "running", "started_at": now, "ended_at": None,
-                                                  "attempt": row["attempt"] + 1, "pid": pid})
+                                                  "attempt": row["attempt"] + 1, "pid": pid,
+                                                  "pid_started_at": None, "ranks_json": None})
                     self._refresh_runs_of([row["id"]])
                     return self.get_job(row["id"])
         return None
@@ -296,7 +297,8 @@ class Store(ServiceRows):
         return [job for job in jobs if job["status"] == "queued" and job["resources"] == resources
                 and all(status.get(dep) == "succeeded" for dep in job["depends_on"])]
 
-    def claim_this_job(self, job_id: int, pid: int, log_path: str | None = None) -> dict | None:
+    def claim_this_job(self, job_id: int, pid: int, log_path: str | None = None,
+                       pid_started_at: float | None = None) -> dict | None:
         """Atomically take one given job if it is still queued with every dependency succeeded (a job process
         chaining into the next job of its run); None if someone else took it or it is not ready."""
         with self._write() as db:
@@ -308,9 +310,20 @@ class Store(ServiceRows):
                     len(self._job_statuses(db, deps)) != len(set(deps)):
                 return None
             db["jobs"].update(job_id, {"status": "running", "started_at": time.time(), "ended_at": None,
-                                       "attempt": row[2] + 1, "pid": pid, "log_path": log_path})
+                                       "attempt": row[2] + 1, "pid": pid, "pid_started_at": pid_started_at,
+                                       "ranks_json": None, "log_path": log_path})
             self._refresh_runs_of([job_id])
         return self.get_job(job_id)
+
+    def register_rank(self, job_id: int, pid: int, started_at: float | None) -> None:
+        """A rank of a multi-process job records its [pid, process start time] in jobs.ranks: torchrun starts each
+        rank in its own session, so only this list lets the engine reach every rank on a hard kill."""
+        with self._write():
+            job = self.get_job(job_id)
+            if job is None:
+                raise StorageError(f"no job {job_id}")
+            ranks = [r for r in (job["ranks"] or []) if r[0] != pid] + [[int(pid), started_at]]
+            self.update_job(job_id, ranks=ranks)
 
     def update_job(self, job_id: int, **fields: Any) -> None:
         self._update("jobs", job_id, fields)
@@ -348,20 +361,10 @@ class Store(ServiceRows):
                 requeue |= more
                 grew = bool(more)
             for requeue_id in sorted(requeue):
-                db["jobs"].update(requeue_id, {"status": "queued", "pid": None, "started_at": None,
+                db["jobs"].update(requeue_id, {"status": "queued", "pid": None, "pid_started_at": None,
+                                               "ranks_json": None, "started_at": None,
                                                "ended_at": None, "error": None, "error_detail": None})
             self._refresh_runs_of(requeue)
-
-    def mark_running_as_interrupted(self, reason: str) -> list[int]:
-        """Engine start-up recovery: jobs left 'running' by a dead engine become 'interrupted' (their runs too).
-        Only call it when no other engine is live (see live_engines), or it would steal that engine's jobs."""
-        with self._write() as db:
-            running = list(db.query("SELECT id, run_id FROM jobs WHERE status = 'running' ORDER BY id"))
-            now = time.time()
-            for row in running:
-                db["jobs"].update(row["id"], {"status": "interrupted", "error": _one_line(reason), "ended_at": now})
-            self._refresh_runs_of([row["id"] for row in running])
-        return [row["id"] for row in running]
 
     # ---- metrics --------------------------------------------------------------------------------------------------
 

@@ -111,8 +111,20 @@ def v2_operations(db: Database) -> None:
     db["servers"].create_index(["status"])
 
 
+def v3_process_identity(db: Database) -> None:
+    """jobs.pid_started_at (the start time of the process behind jobs.pid: a pid alone may be reused after a reboot),
+    jobs.ranks_json (the [pid, start time] of every rank of a multi-process job: torchrun starts each rank in its own
+    session, out of reach of the launcher's process group), apps (the web app's heartbeat: an engine started by the
+    app exits once idle and no app has been seen for a while)."""
+    db["jobs"].add_column("pid_started_at", float)
+    db["jobs"].add_column("ranks_json", str)
+    db["apps"].create({"id": int, "pid": int, "host": str, "started_at": float, "heartbeat_at": float}, pk="id",
+                      not_null={"pid", "started_at", "heartbeat_at"})
+    db["apps"].create_index(["heartbeat_at"])
+
+
 # Index i holds the migration to version i + 1.
-MIGRATIONS: list[Callable[[Database], None]] = [v1_core, v2_operations]
+MIGRATIONS: list[Callable[[Database], None]] = [v1_core, v2_operations, v3_process_identity]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

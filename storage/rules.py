@@ -15,7 +15,7 @@ RUN_TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
 JOB_STATUSES = RUN_STATUSES | {"skipped", "cancelling"}  # cancelling: asked to stop, the engine is killing it
 JOB_TERMINAL = JOB_STATUSES - {"queued", "running", "cancelling"}
 BLOCKING_DEP = {"failed", "cancelled", "skipped", "missing"}  # a queued job depending on one of these never runs
-JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on"), "evals": ("metrics",),
+JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on", "ranks"), "evals": ("metrics",),
                "eval_examples": ("detail",), "artifacts": ("meta",), "telemetry": ("sample",)}
 SECRET_GUARDED = {"runs", "jobs", "servers"}  # tables whose rows come from user-edited recipes and forms
 STATUS_FIELD = {"runs": RUN_STATUSES, "jobs": JOB_STATUSES}

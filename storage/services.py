@@ -40,6 +40,33 @@ class ServiceRows:
         """Engines that say they run and have beaten recently (a killed engine stops beating, so it drops out)."""
         return self._select("engines", ["status = 'running'", "heartbeat_at >= ?"], [time.time() - max_age_s], "id")
 
+    def mark_engine_dead(self, engine_id: int) -> None:
+        """An engine row whose process is gone (killed, or the machine rebooted): it stopped at its last beat."""
+        with self._write():
+            rows = self._select("engines", ["id = ?"], [engine_id], "id")
+            if rows and rows[0]["status"] == "running":
+                self._update("engines", engine_id, {"status": "dead", "stopped_at": rows[0]["heartbeat_at"]})
+
+    def list_engines(self) -> list[dict]:
+        return self._select("engines", [], [], "id")
+
+    def running_engines(self) -> list[dict]:
+        """Every engine row that says it runs, fresh heartbeat or not (see live_engines)."""
+        return self._select("engines", ["status = 'running'"], [], "id")
+
+    def app_heartbeat(self, app_id: int | None, pid: int, host: str) -> int:
+        """The web app says it is alive (every APP_HEARTBEAT_S); returns its row id for the next beat."""
+        now = time.time()
+        if app_id is None:
+            return self._insert("apps", {"pid": pid, "host": host, "started_at": now, "heartbeat_at": now})
+        self._update("apps", app_id, {"heartbeat_at": now})
+        return app_id
+
+    def last_app_seen(self) -> float | None:
+        """When any app last beat (None: never)."""
+        rows = self._select("apps", [], [], "heartbeat_at DESC", 1)
+        return rows[0]["heartbeat_at"] if rows else None
+
     def add_server(self, **fields: Any) -> int:
         return self._insert("servers", {"status": "starting", "started_at": time.time(), **fields})
 

@@ -37,11 +37,14 @@ def resumed_run(tmp_path_factory, shared_cache):
 
     old = os.environ.get("QAT_STUDIO_CACHE")
     os.environ["QAT_STUDIO_CACHE"] = str(shared_cache)
+    workdir = tmp_path_factory.mktemp("resumed") / "ws"
     try:
-        store, run_id, info = run_killed_and_resumed(tmp_path_factory.mktemp("resumed") / "ws")
-        yield store, run_id, info
-        stop_engines(store)
-    finally:
+        yield run_killed_and_resumed(workdir)
+    finally:  # also when the run failed: no engine outlives the tests
+        if (workdir / "studio.db").exists():
+            from storage import Store
+
+            stop_engines(Store(workdir / "studio.db"))
         if old is None:
             os.environ.pop("QAT_STUDIO_CACHE", None)
         else:

@@ -49,39 +49,44 @@ def _alive(pid: int) -> bool:
 
 
 def run_killed_and_resumed(workdir: Path) -> tuple:
-    """The smoke recipe, with SFT (and the engine) SIGKILLed after its first checkpoint, then resumed to the end."""
-    from engine.training.hf_trainer import latest_checkpoint
-    from engine.runtime.worker import ensure_engine
-    from engine.runtime.workspace import checkpoint_dir
+    """A power cut in miniature: the smoke recipe runs (`launch.py run`, waiting in the foreground); after SFT's first
+    checkpoint the run command, the engine and the job's process are all SIGKILLed, with no app to notice. Then
+    `status` (what it says is kept) and `resume` from the CLI finish the run."""
+    from engine.runtime.workspace import checkpoint_dir, latest_checkpoint
     from storage import Store
 
-    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",
-                   "--sft.max_steps", "16", "--sft.save_steps", "4"])
-    assert proc.returncode == 0, proc.stderr
-    store = Store(workdir / "studio.db")
-    run_id = store.list_runs()[0]["id"]
+    db = workdir / "studio.db"
+    run_cmd = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "run",
+                                "assets/recipes/smoke.yaml", "--sft.max_steps", "16", "--sft.save_steps", "4"],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for(lambda: db.exists(), timeout=300, what="the run to be queued")
+    store = Store(db)
+    run_id = wait_for(lambda: store.list_runs() and store.list_runs()[0]["id"], timeout=60, what="the run")
     sft = next(j for j in store.list_jobs(run_id) if j["stage"] == "sft")
     ckpts = checkpoint_dir(Path(store.get_run(run_id)["run_dir"]), "sft")
+
     def past_a_checkpoint() -> bool:  # steps logged after the newest checkpoint: resume must drop them
         newest, logged = latest_checkpoint(ckpts), store.metrics(job_id=sft["id"], names=["loss"])[-1:]
         return bool(newest and logged and logged[0]["step"] > int(newest.name.split("-")[1]))
 
     wait_for(past_a_checkpoint, timeout=900, what="SFT to pass its first checkpoint")
-    # A machine crash in miniature: the engine dies, then the job's process group.
     info = {}
     engines = [e["pid"] for e in store.live_engines(max_age_s=60)]
-    for pid in engines:
-        os.kill(pid, signal.SIGKILL)
     job = store.get_job(sft["id"])
     info["sft_niceness"] = psutil.Process(job["pid"]).nice()  # jobs run below the web app's priority
+    for pid in [run_cmd.pid, *engines]:
+        os.kill(pid, signal.SIGKILL)
     os.killpg(job["pid"], signal.SIGKILL)
+    run_cmd.wait()
     wait_for(lambda: not any(_alive(pid) for pid in [*engines, job["pid"]]), timeout=30, what="the kills")
     info.update({"sft_job": sft["id"], "checkpoint_step": int(latest_checkpoint(ckpts).name.split("-")[1]),
-            "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"]})
-    ensure_engine(workdir, idle_exit=20)
-    wait_for(lambda: store.get_job(sft["id"])["status"] == "interrupted", timeout=60, what="recovery")
+                 "killed_at_step": store.metrics(job_id=sft["id"], names=["loss"])[-1]["step"],
+                 "row_after_kill": store.get_job(sft["id"])["status"]})
+    status = launch(["--workdir", str(workdir), "status", run_id], timeout=300)
+    info["status_stdout"], info["status_returncode"] = status.stdout, status.returncode
     info["status_after_restart"] = store.get_job(sft["id"])["status"]
     info["error_after_restart"] = store.get_job(sft["id"])["error"]
+    info["engine_rows"] = [e["status"] for e in store.list_engines()]
     resumed = launch(["--workdir", str(workdir), "resume", run_id])
     info["resume_stdout"] = resumed.stdout
     info["resume_returncode"] = resumed.returncode

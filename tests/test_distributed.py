@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from test_real_checkpoint import (  # noqa: F401 - one_thread is a fixture
     make_mxfp4_checkpoint, make_small_data, one_thread, recipe_for, stage_context)
 
-from engine.runtime import distributed
+from engine.runtime import distributed, processes
 from engine.recipe.configs import HardwareConfig, Recipe
 from engine.runtime.pipeline import _add_jobs, plan
 from engine.runtime.worker import Engine, request_cancel
@@ -208,7 +209,10 @@ def check_ran_on_two_ranks_and_wrote_once(store: Store, job: dict, run_root: Pat
     assert (model_dir / "model.safetensors").exists() and not model_dir.with_name(model_dir.name + ".tmp").exists()
 
 
-def test_cancel_stops_every_rank(assets, workdir):
+@pytest.fixture
+def two_rank_sft(assets, workdir):
+    """A 2-rank SFT job (endless) started by an engine driven by hand, once both ranks train; with the ranks' pids as
+    their logs give them, checked against the pids the ranks registered in storage. Whatever is left is killed."""
     checkpoint, train, held_out = assets
     recipe = recipe_for(checkpoint, train, held_out, **{
         "hardware.strategy": "ddp", "hardware.num_processes": 2, "hardware.main_process_port": 0,
@@ -218,6 +222,18 @@ def test_cancel_stops_every_rank(assets, workdir):
     run_id = enqueue_training(store, workdir, recipe)
     engine = Engine(workdir, poll_s=0.2)
     engine.engine_id = store.register_engine(os.getpid(), "test")
+    try:
+        yield _wait_for_two_ranks(engine, store, run_id)
+    finally:
+        store.stop_engine(engine.engine_id)
+        leftovers = [pid for job in store.list_jobs(run_id) for pid, _ in job["ranks"] or []]
+        for pid in [*leftovers, *(item.proc.pid for item in engine.running.values())]:
+            processes.kill_group(pid, signal.SIGKILL)
+        for item in engine.running.values():
+            item.proc.wait()
+
+
+def _wait_for_two_ranks(engine: Engine, store: Store, run_id: str):
     sft = None
     deadline = time.time() + 120
     while time.time() < deadline:  # the engine loop, by hand: run until SFT is training on both ranks
@@ -232,16 +248,50 @@ def test_cancel_stops_every_rank(assets, workdir):
     ranks = [int(line.split("pid ")[1].split(")")[0]) for line in Path(sft["log_path"]).read_text().splitlines()
              if line.startswith("== job") and "rank " in line]
     assert len(ranks) == 2 and all(_alive(pid) for pid in ranks)
-    assert request_cancel(store, sft["id"]) == "cancelling"
-    deadline = time.time() + 60
-    while time.time() < deadline and store.get_job(sft["id"])["status"] != "cancelled":
+    assert sorted(pid for pid, _ in sft["ranks"]) == sorted(ranks)  # every rank registered itself
+    assert all(os.getsid(pid) == pid for pid in ranks)  # torchrun's ranks lead sessions of their own
+    return engine, store, run_id, sft, ranks
+
+
+def _drive(engine: Engine, until, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not until():
         engine._reap()
         engine._handle_cancels()
+        engine._start_ready_jobs()
         time.sleep(0.2)
+
+
+def test_cancel_stops_every_rank(two_rank_sft, monkeypatch):
+    """Even when the launcher cannot pass the SIGTERM on (here it is stopped, as a wedged launcher would be): the
+    engine signals every rank itself, and its SIGKILL escalation ends the launcher. The dependants are skipped."""
+    from engine.runtime import worker
+
+    monkeypatch.setattr(worker, "KILL_GRACE_S", 2.0)
+    engine, store, run_id, sft, ranks = two_rank_sft
+    os.kill(sft["pid"], signal.SIGSTOP)
+    assert request_cancel(store, sft["id"]) == "cancelling"
+    _drive(engine, lambda: store.get_job(sft["id"])["status"] == "cancelled", timeout=60)
     assert store.get_job(sft["id"])["status"] == "cancelled"
     assert not any(_alive(pid) for pid in ranks)
-    assert _group_members(sft["pid"]) == []  # nothing left in the job's session: launcher, agent, ranks
-    store.stop_engine(engine.engine_id)
+    assert _group_members(sft["pid"]) == [] and all(_group_members(pid) == [] for pid in ranks)
+    _drive(engine, lambda: False, timeout=1)  # the next claim skips what depended on SFT
+    jobs = {j["config"]["key"]: j["status"] for j in store.list_jobs(run_id)}
+    assert jobs == {"prepare": "succeeded", "sft": "cancelled", "ptq:mxfp4": "skipped"}, jobs
+
+
+def test_a_hard_killed_launcher_leaves_no_rank_alive(two_rank_sft):
+    """SIGKILL to the launcher (what recovery and the cancel's escalation send): the engine's clean-up of the dead
+    job reaches the ranks, which torchrun had put out of the launcher's process group."""
+    engine, store, run_id, sft, ranks = two_rank_sft
+    os.kill(sft["pid"], signal.SIGKILL)
+    _drive(engine, lambda: store.get_job(sft["id"])["status"] != "running", timeout=30)
+    job = store.get_job(sft["id"])
+    assert job["status"] == "interrupted" and "SIGKILL" in job["error"], job
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(pid) for pid in ranks):
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in ranks)
 
 
 def _group_members(pgid: int) -> list[int]:

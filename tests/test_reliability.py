@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.runtime.workspace import NO_CHECKPOINT
 from storage import Store
 from tests.helpers import REPO, launch, stop_engines, wait_for
 
@@ -28,11 +29,18 @@ def metric_steps(store: Store, job_id: int, name: str = "loss") -> list[int]:
 
 
 def test_killed_sft_job_resumes_with_continuous_metrics(resumed_run):
+    """Run command, engine and job SIGKILLed (a power cut, no app): `status` says interrupted, `resume` finishes."""
     store, run_id, info = resumed_run
     sft = info["sft_job"]
+    assert info["row_after_kill"] == "running"  # nothing was left alive to record it: only the CLI can tell
+    assert info["status_returncode"] == 0
+    sft_line = next(line.split() for line in info["status_stdout"].splitlines() if line.split()[:1] == [str(sft)])
+    assert sft_line[2] == "interrupted", info["status_stdout"]
     assert info["status_after_restart"] == "interrupted"
+    assert info["engine_rows"] == ["dead"]  # the killed engine's row no longer claims to run
     assert info["sft_niceness"] == 10
     assert "engine stopped" in (info["error_after_restart"] or "")
+    assert info["resume_returncode"] == 0 and "sft: continues from checkpoint-" in info["resume_stdout"]
     assert info["killed_at_step"] > info["checkpoint_step"] >= 1
     job = store.get_job(sft)
     assert job["status"] == "succeeded" and job["attempt"] == 2
@@ -102,6 +110,51 @@ def test_cancel_kills_the_whole_process_tree_and_marks_cancelled(tmp_path, share
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
     later = [j for j in store.list_jobs(run_id) if j["id"] > sft["id"]]
-    assert all(j["status"] in ("skipped", "cancelled", "succeeded", "queued") for j in later)
+    assert later and all(j["status"] == "cancelled" and j["started_at"] is None for j in later), later
     assert store.get_run(run_id)["status"] == "cancelled"
     stop_engines(store)
+
+
+def test_cancel_or_stop_before_a_checkpoint_restarts_from_step_0_with_each_step_once(tmp_path, shared_cache,
+                                                                                      monkeypatch):
+    """SFT cancelled before its first checkpoint, resumed, then stopped by `launch.py stop` (the engine exits, the
+    job becomes interrupted), resumed again: each resume says it restarts from step 0 and drops the lost steps'
+    metric rows, so the loss curve has every step once."""
+    workdir = tmp_path / "ws"
+    monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait", "--sft.max_steps", "24",
+                   "--sft.save_steps", "1000", "--ptq.formats", "mxfp4", "--qat.max_steps", "2"])
+    assert proc.returncode == 0, proc.stderr
+    store = Store(workdir / "studio.db")
+    run_id = store.list_runs()[0]["id"]
+    sft = next(j for j in store.list_jobs(run_id) if j["stage"] == "sft")["id"]
+    cli = ["--workdir", str(workdir)]
+    try:
+        wait_for(lambda: len(metric_steps(store, sft)) >= 2, timeout=600, what="SFT to log two steps")
+        assert launch([*cli, "cancel", run_id]).returncode == 0
+        wait_for(lambda: store.get_job(sft)["status"] == "cancelled", timeout=60, what="the cancel")
+        resumed = launch([*cli, "resume", run_id, "--no-wait"])
+        assert "sft: no checkpoint yet: restarting from step 0" in resumed.stdout, resumed.stdout
+
+        def retrained_two_steps() -> bool:  # the second attempt dropped the old rows and logged two of its own
+            job = store.get_job(sft)
+            log = Path(job["log_path"]).read_text() if job["log_path"] else ""
+            return job["attempt"] == 2 and NO_CHECKPOINT in log and len(metric_steps(store, sft)) >= 2
+
+        wait_for(retrained_two_steps, timeout=300, what="SFT to train two steps again")
+        stopped = launch([*cli, "stop"])
+        assert stopped.returncode == 0 and "stopped engine pid" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert not store.live_engines() and store.get_job(sft)["status"] == "interrupted"
+        assert "interrupted" in launch([*cli, "status", run_id]).stdout
+        assert metric_steps(store, sft) == list(range(1, len(metric_steps(store, sft)) + 1))  # no step twice
+
+        final = launch([*cli, "resume", run_id], timeout=1500)
+        assert final.returncode == 0, final.stdout[-3000:] + final.stderr[-3000:]
+        assert "sft: no checkpoint yet: restarting from step 0" in final.stdout
+        assert f"({NO_CHECKPOINT})" in final.stdout  # in the job's progress message, as `run`/`resume` watch it
+        job = store.get_job(sft)
+        assert job["status"] == "succeeded" and job["attempt"] == 3
+        assert metric_steps(store, sft) == list(range(1, 25))
+        assert Path(job["log_path"]).read_text().count(f"{NO_CHECKPOINT} (dropped") == 2
+    finally:
+        stop_engines(store)

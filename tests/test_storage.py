@@ -45,11 +45,11 @@ def test_v1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
     assert "telemetry" not in _tables(path)
 
     with Store(path) as store:
-        assert schema_version(store.db) == SCHEMA_VERSION == 2
+        assert schema_version(store.db) == SCHEMA_VERSION == 3
         run = store.get_run("20240101-000000-abcd")
         assert run["name"] == "legacy" and run["recipe"] == {"lr": 0.1}
         store.add_telemetry({"gpu": 1})  # v2 tables are usable
-    assert {"telemetry", "engines", "servers"} <= _tables(path)
+    assert {"telemetry", "engines", "servers", "apps"} <= _tables(path)
     with Store(path) as again:  # re-opening applies nothing and loses nothing
         assert migrate(again.db) == [] and len(again.list_runs()) == 1
 
@@ -160,11 +160,11 @@ def test_claim_skips_busy_resources_but_keeps_id_order(store: Store) -> None:
     assert store.claim_job()["id"] == two_gpu
 
 
-def test_mark_running_as_interrupted(store: Store) -> None:
+def test_an_interrupted_job_interrupts_its_run_once_nothing_else_waits(store: Store) -> None:
     run = store.create_run("r", {})
     first, second = store.add_job(run, "sft"), store.add_job(run, "ptq")
     store.claim_job()
-    assert store.mark_running_as_interrupted("engine restarted") == [first]
+    store.finish_job(first, "interrupted", error="engine restarted")  # as engine/runtime/processes.py marks it
     assert store.get_job(first)["status"] == "interrupted" and store.get_job(first)["error"] == "engine restarted"
     assert store.get_job(second)["status"] == "queued"
     assert store.get_run(run)["status"] == "running"  # one job still waits

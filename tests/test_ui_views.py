@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -188,6 +189,19 @@ def test_cancel_button_cancels_queued_jobs_and_resume_says_when_nothing_to_do(ru
     assert {j["status"] for j in store.list_jobs(run_id)} == {"cancelled"}
     assert store.get_run(run_id)["status"] == "cancelled"
     assert "No run selected" in cancel_clicked(state, None)
+
+    from engine.runtime.worker import stop_engine
+    from engine.runtime.workspace import checkpoint_dir
+
+    saved = checkpoint_dir(Path(store.get_run(run_id)["run_dir"]), "sft") / "checkpoint-4"
+    saved.mkdir(parents=True)
+    (saved / "trainer_state.json").write_text("{}")
+    try:  # the notice says where each trainer continues: SFT from its checkpoint, QAT from step 0
+        notice = resume_clicked(state, run_id)
+    finally:
+        stop_engine(workdir)
+    assert "sft continues from checkpoint-4" in notice, notice
+    assert "qat:mxfp4 no checkpoint yet: restarting from step 0" in notice, notice
 
 
 def test_dataset_preview_recounts_an_edited_file(tmp_path):

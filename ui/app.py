@@ -147,11 +147,12 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        engine_pid = ensure_engine(workdir)  # no idle exit: the app keeps an engine for as long as it runs
+        engine_pid = ensure_engine(workdir)  # exits once idle with no app beating for APP_GONE_EXIT_S
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"engine: {'started, pid ' + str(engine_pid) if engine_pid else 'already running'} ({workdir})", flush=True)
+    beat_in_background(workdir)
     warm_up_in_background()
     app = build_app(workdir)
     _warm_up()
@@ -159,6 +160,30 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
     app.launch(server_name=host, server_port=port, auth=credentials, share=False, ssr_mode=False,
                footer_links=[], css_paths=[CSS_FILE], theme=theme(), show_error=True, quiet=False)
     return 0
+
+
+def beat_in_background(workdir: Path) -> None:
+    """The app's heartbeat in storage, every APP_HEARTBEAT_S: the engine it started exits once idle and no app has
+    beaten for APP_GONE_EXIT_S (engine/runtime/worker.py), so it never outlives the app for long."""
+    import os
+    import socket
+    import threading
+    import time
+
+    from engine.runtime import workspace
+    from engine.runtime.worker import APP_HEARTBEAT_S
+    from storage import Store
+
+    def beat() -> None:
+        store, app_id = Store(workspace.db_path(workdir)), None
+        while True:
+            try:
+                app_id = store.app_heartbeat(app_id, os.getpid(), socket.gethostname())
+            except Exception as exc:  # noqa: BLE001 - a busy database must not stop the beat for good
+                print(f"app heartbeat not written: {exc}", file=sys.stderr, flush=True)
+            time.sleep(APP_HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="app-heartbeat", daemon=True).start()
 
 
 def _warm_up() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from engine.runs import UserError, resume_run, validate_inputs
+from engine.runs import UserError, resume_note, resume_run, validate_inputs
 from engine.recipe.configs import EvalConfig, ExportConfig, ModelConfig, Recipe
 from engine.recipe.files import RecipeError, recipe_to_yaml
 from engine.evaluation.results import summary, table_rows
@@ -168,8 +168,11 @@ def cancel_clicked(state: AppState, run_id: str | None) -> str:
 def resume_clicked(state: AppState, run_id: str | None) -> str:
     if not run_id:
         return views.message("No run selected.", "error")
-    requeued = resume_run(state.store(), run_id)
+    store = state.store()
+    requeued = resume_run(store, run_id)
     if not requeued:
         return views.message("Nothing to resume: no failed, interrupted or cancelled jobs.", "info")
     ensure_engine(state.workdir)
-    return views.message(f"Re-queued {len(requeued)} jobs; trainers continue from their last checkpoint.", "ok")
+    trainers = [store.get_job(i) for i in requeued]
+    notes = "; ".join(f"{j['config']['key']} {resume_note(store, j)}" for j in trainers if j["stage"] in ("sft", "qat"))
+    return views.message(f"Re-queued {len(requeued)} jobs{': ' + notes if notes else ''}.", "ok")

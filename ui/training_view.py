@@ -13,6 +13,7 @@ import gradio as gr
 
 from engine.training.recipe_advisor import qat_recovery
 from engine.recipe.files import RecipeError, recipe_to_yaml
+from engine.runs import resume_note
 from engine.runtime.worker import ensure_engine, request_cancel
 from ui import charts, run_data, views
 from ui.palette import STATUS_COLORS
@@ -166,7 +167,8 @@ def resume_stage(state: AppState, run_id: str | None, stage: str) -> str:
     if not stopped:
         return views.message(f"Nothing to resume: no stopped {stage.upper()} job in run {run_id}.", "info")
     ensure_engine(state.workdir)
-    return views.message(f"Resuming {', '.join(j['config']['key'] for j in stopped)} from the last checkpoint.", "ok")
+    notes = "; ".join(f"{j['config']['key']} {resume_note(store, j)}" for j in stopped)
+    return views.message(f"Resuming: {notes}.", "ok")
 
 
 def yaml_and_command(state: AppState, data: dict, **replace: dict):

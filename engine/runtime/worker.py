@@ -5,8 +5,11 @@
 - Claims jobs from SQLite (atomically; dependencies first; one job per device at a time).
 - Starts `python -m engine.stages.job` in a new process group with stdout/stderr appended to the job's log file,
   so nothing ever blocks on a pipe and closing a browser cannot stall training.
-- Cancels by killing the job's whole process group (multi-process launches included).
-- Heartbeats in storage; on start it marks jobs left 'running' by a crashed engine as 'interrupted'.
+- Cancels by killing the job's whole process group and each rank's (torchrun puts every rank in its own session).
+- Heartbeats in storage; on start it kills what is left of jobs a dead engine left 'running' and marks them
+  'interrupted' (engine/runtime/processes.py decides what is still alive, by pid and process start time).
+- Stops cleanly on SIGTERM (`launch.py stop`): running jobs become 'interrupted', resumable.
+- An engine started for the app (`--exit-without-app`) exits once idle and no app has beaten for that long.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.runtime import failure_hints, telemetry, workspace
+from engine.runtime import failure_hints, processes, telemetry, workspace
 from storage import Store
 
 HEARTBEAT_S = 2.0
+APP_GONE_EXIT_S = 600.0  # an app-started engine exits when idle and no app has beaten for 10 minutes
+APP_HEARTBEAT_S = 30.0  # how often the app beats (ui/app.py)
 KILL_GRACE_S = 10.0
 JOB_NICENESS = 10
 
@@ -41,11 +46,12 @@ class Running:
 
 class Engine:
     def __init__(self, workdir: Path, idle_exit: float | None = None, poll_s: float = 0.3,
-                 telemetry_every_s: float = 10.0):
+                 telemetry_every_s: float = 10.0, app_gone_exit: float | None = None):
         self.workdir = workdir
         self.telemetry_every_s = telemetry_every_s
         self.store = Store(workspace.db_path(workdir))
         self.idle_exit = idle_exit
+        self.app_gone_exit = app_gone_exit
         self.poll_s = poll_s
         self.running: dict[int, Running] = {}
         self.stopping = False
@@ -53,9 +59,9 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def serve(self) -> int:
-        other = [e for e in self.store.live_engines() if e["pid"] != os.getpid() and _pid_alive(e["pid"])]
+        other = processes.live_engine(self.store, exclude_pid=os.getpid())
         if other:
-            print(f"an engine is already running on {self.workdir} (pid {other[0]['pid']}); not starting another",
+            print(f"an engine is already running on {self.workdir} (pid {other['pid']}); not starting another",
                   flush=True)
             return 1
         self.engine_id = self.store.register_engine(os.getpid(), socket.gethostname())
@@ -81,6 +87,9 @@ class Engine:
                 elif self.idle_exit is not None and now - idle_since > self.idle_exit:
                     print("idle; exiting", flush=True)
                     break
+                elif self._app_gone(now, idle_since):
+                    print(f"idle and no app seen for {self.app_gone_exit:.0f} s; exiting", flush=True)
+                    break
                 time.sleep(self.poll_s)
         finally:
             recorder.stop()
@@ -90,27 +99,28 @@ class Engine:
     def _on_signal(self, signum, frame) -> None:
         self.stopping = True
 
+    def _app_gone(self, now: float, idle_since: float) -> bool:
+        """Idle since `idle_since`, and no app beat within app_gone_exit (an app that never beat counts from then)."""
+        if self.app_gone_exit is None or now - idle_since <= self.app_gone_exit:
+            return False
+        return now - (self.store.last_app_seen() or 0.0) > self.app_gone_exit
+
     def _recover(self) -> None:
-        """Jobs a dead engine left 'running' (or 'cancelling') cannot be followed any more: stop and mark them."""
-        for job in self.store.list_jobs(status="running") + self.store.list_jobs(status="cancelling"):
-            if job["pid"] and _pid_alive(job["pid"]):
-                _kill_group(job["pid"], signal.SIGKILL)
-        for job in self.store.list_jobs(status="cancelling"):
-            self.store.finish_job(job["id"], "cancelled", error="cancelled while the engine was down")
-            self.store.refresh_run_status(job["run_id"])
-        for job_id in self.store.mark_running_as_interrupted("the engine stopped while this job was running; resume it"):
-            self.store.refresh_run_status(self.store.get_job(job_id)["run_id"])
+        """Jobs a dead engine left 'running' (or 'cancelling') cannot be followed any more: kill what is left of
+        them (every rank too) and mark them interrupted (cancelled)."""
+        processes.settle_dead_jobs(self.store, kill_live=True)
 
     def _shutdown(self) -> None:
         for item in list(self.running.values()):
-            _kill_group(item.proc.pid, signal.SIGTERM)
+            self._signal(item, signal.SIGTERM)
         deadline = time.time() + KILL_GRACE_S
         for item in list(self.running.values()):
             try:
                 item.proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                _kill_group(item.proc.pid, signal.SIGKILL)
+                self._signal(item, signal.SIGKILL)
                 item.proc.wait()
+            self._signal(item, signal.SIGKILL)  # ranks the launcher left behind
             for job in self._jobs_of(item):
                 if job["status"] in ("running", "cancelling"):
                     self.store.finish_job(job["id"], "interrupted", error="the engine was stopped; resume this job")
@@ -151,7 +161,8 @@ class Engine:
                 out.flush()
             proc = subprocess.Popen(_at_low_priority(cmd), stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, cwd=workspace.REPO_ROOT, env=env, start_new_session=True)
-        self.store.update_job(job["id"], pid=proc.pid, log_path=str(log))
+        self.store.update_job(job["id"], pid=proc.pid, pid_started_at=processes.start_time(proc.pid),
+                              log_path=str(log))
         self.store.refresh_run_status(job["run_id"])
         self.running[job["id"]] = Running(job, proc, set(job["resources"].split(",")))
         print(f"started job {job['id']} {job['config'].get('key')} pid {proc.pid}", flush=True)
@@ -189,7 +200,7 @@ class Engine:
             if code is None:
                 continue
             del self.running[job_id]
-            _kill_group(item.proc.pid, signal.SIGKILL)  # leftover grandchildren (e.g. dataloader workers)
+            self._signal(item, signal.SIGKILL)  # leftovers: dataloader workers, ranks of a killed launcher
             for job in self._jobs_of(item):
                 if item.cancel_sent_at is not None and job["status"] in ("running", "cancelling") \
                         or job["status"] == "cancelling":
@@ -208,8 +219,9 @@ class Engine:
         if gpus:
             from engine.runtime.telemetry import gpu_release_note
 
+            ranks = {pid for job in self._jobs_of(item) for pid, _ in job.get("ranks") or []}
             try:
-                note = gpu_release_note(item.group_pids | {item.proc.pid}, gpus)
+                note = gpu_release_note(item.group_pids | ranks | {item.proc.pid}, gpus)
             except Exception as exc:  # noqa: BLE001 - a failing NVML read must not take the engine down
                 note = f"GPU memory release not checked (NVML: {type(exc).__name__}: {exc})"
             self.store.update_job(job_id, message=note)
@@ -222,11 +234,19 @@ class Engine:
                 self.store.finish_job(job["id"], "cancelled", error="cancelled by the user")
                 self.store.refresh_run_status(job["run_id"])
             elif item.cancel_sent_at is None:
-                item.group_pids = _group_pids(item.proc.pid)  # remembered to check their GPU memory afterwards
-                _kill_group(item.proc.pid, signal.SIGTERM)
+                # remembered to check their GPU memory afterwards
+                item.group_pids = processes.group_pids(item.proc.pid) | set(processes.job_pids(job))
+                self._signal(item, signal.SIGTERM)
                 item.cancel_sent_at = now
             elif now - item.cancel_sent_at > KILL_GRACE_S:
-                _kill_group(item.proc.pid, signal.SIGKILL)
+                self._signal(item, signal.SIGKILL)
+
+    def _signal(self, item: Running, sig: int) -> None:
+        """The process we started (its whole group: it is our child, so its pid is not yet free for reuse even once
+        it exited), and every rank recorded by the jobs it ran: torchrun starts ranks in sessions of their own."""
+        processes.kill_group(item.proc.pid, sig)
+        for job in self._jobs_of(item):
+            processes.kill_job(job, sig)
 
 
 def job_env(gpus: list[str], base: dict | None = None) -> dict:
@@ -247,35 +267,7 @@ def _at_low_priority(cmd: list[str]) -> list[str]:
     return [nice, "-n", str(JOB_NICENESS), *cmd] if nice else cmd
 
 
-def _group_pids(pgid: int) -> set[int]:
-    """Every process of a job's process group (e.g. all ranks under accelerate launch)."""
-    import psutil
-
-    pids = set()
-    for proc in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(proc.info["pid"]) == pgid:
-                pids.add(proc.info["pid"])
-        except (ProcessLookupError, PermissionError):
-            continue
-    return pids
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)  # children were started with start_new_session: their pgid is their pid
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _pid_alive(pid: int) -> bool:
-    """A running process (a zombie - killed, not yet reaped by a parent that may never reap it - is dead)."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+_pid_alive = processes.pid_alive  # kept for callers of the old name
 
 
 def _tail(path: str | None, lines: int = 40) -> str:
@@ -287,15 +279,20 @@ def _tail(path: str | None, lines: int = 40) -> str:
         return b"\n".join(f.read().splitlines()[-lines:]).decode("utf-8", "replace")
 
 
-def ensure_engine(workdir: Path, idle_exit: float | None = None) -> int | None:
-    """Start a detached engine on `workdir` unless one is alive; returns the new engine's pid (None if one ran)."""
+def ensure_engine(workdir: Path, idle_exit: float | None = None,
+                  app_gone_exit: float | None = APP_GONE_EXIT_S) -> int | None:
+    """Start a detached engine on `workdir` unless one is alive; returns the new engine's pid (None if one ran).
+    It exits after `idle_exit` idle seconds (the CLI's), or - the app's - once idle with no app beating for
+    `app_gone_exit` seconds, so an engine never outlives its app for long."""
     store = Store(workspace.db_path(workdir))
-    if any(_pid_alive(e["pid"]) for e in store.live_engines()):
+    if processes.live_engine(store):
         return None
     workdir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "engine.runtime.worker", "--workdir", str(workdir)]
     if idle_exit is not None:
         cmd += ["--idle-exit", str(idle_exit)]
+    if app_gone_exit is not None:
+        cmd += ["--exit-without-app", str(app_gone_exit)]
     with open(workdir / "engine.log", "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=workspace.REPO_ROOT, start_new_session=True)
@@ -307,6 +304,23 @@ def ensure_engine(workdir: Path, idle_exit: float | None = None) -> int | None:
             raise RuntimeError(f"the engine exited at once (status {proc.returncode}); see {workdir / 'engine.log'}")
         time.sleep(0.1)
     raise RuntimeError(f"the engine did not start within 30 s; see {workdir / 'engine.log'}")
+
+
+def stop_engine(workdir: Path, timeout: float = KILL_GRACE_S + 20) -> list[int]:
+    """Stop the workspace's engines (SIGTERM; each stops its jobs, marks them 'interrupted' and unregisters) and wait
+    until they are gone. Engines that died without unregistering are marked dead. Returns the pids stopped."""
+    store = Store(workspace.db_path(workdir))
+    alive = [e for e in store.running_engines() if processes.engine_alive(e, max_age_s=float("inf"))]
+    for engine in alive:
+        os.kill(engine["pid"], signal.SIGTERM)
+    deadline = time.time() + timeout
+    while any(processes.engine_alive(e, max_age_s=float("inf")) for e in alive) and time.time() < deadline:
+        time.sleep(0.2)
+    still = [e["pid"] for e in alive if processes.engine_alive(e, max_age_s=float("inf"))]
+    if still:
+        raise RuntimeError(f"engine pid {still} did not stop within {timeout:.0f} s")
+    processes.settle_dead_jobs(store)  # what a killed engine left behind, if any
+    return [e["pid"] for e in alive]
 
 
 def request_cancel(store: Store, job_id: int) -> str:
@@ -326,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the QAT Studio engine in the foreground.")
     parser.add_argument("--workdir", default=None, help="workspace (default: $QAT_STUDIO_HOME or ./workspace)")
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after this many idle seconds")
+    parser.add_argument("--exit-without-app", type=float, default=None,
+                        help="exit once idle and no app has been seen for this many seconds")
     args = parser.parse_args(argv)
     workdir = workspace.resolve_workdir(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    return Engine(workdir, idle_exit=args.idle_exit).serve()
+    return Engine(workdir, idle_exit=args.idle_exit, app_gone_exit=args.exit_without_app).serve()
 
 
 if __name__ == "__main__":

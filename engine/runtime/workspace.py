@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +56,28 @@ def model_dir(run_root: Path, stage: str, fmt: str | None = None) -> Path:
 
 def checkpoint_dir(run_root: Path, stage: str, fmt: str | None = None) -> Path:
     return run_root / "checkpoints" / stage_key(stage, fmt)
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
+    if not output_dir.exists():
+        return None
+    found = []
+    for child in output_dir.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and child.is_dir() and (child / "trainer_state.json").exists():
+            found.append((int(match.group(1)), child))
+    return max(found)[1] if found else None
+
+
+NO_CHECKPOINT = "no checkpoint yet: restarting from step 0"
+
+
+def resume_point(run_root: Path, stage: str, fmt: str | None = None) -> str:
+    """Where a resumed training job of this stage continues: its newest checkpoint, or step 0 (said plainly: the
+    steps it had trained are lost)."""
+    found = latest_checkpoint(checkpoint_dir(run_root, stage, fmt))
+    return f"continues from {found.name}" if found else NO_CHECKPOINT
 
 
 def export_dir(run_root: Path, fmt: str) -> Path:

@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.runtime import failure_hints, distributed, workspace
+from engine.runtime import distributed, failure_hints, processes, workspace
 from engine.recipe.configs import Recipe
 from engine.runtime.context import Context, pick_device
 from storage import Store
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if job is None:
         print(f"job {args.job} not found in {store.path}", file=sys.stderr)
         return 2
+    if distributed.world_size() > 1:  # the engine must reach every rank on a hard kill: each has its own session
+        store.register_rank(job["id"], os.getpid(), processes.start_time(os.getpid()))
     models: dict = {}  # kept from one job of the chain to the next (engine/stages/common.py: open_model)
     code = run_job(store, workdir, job, models)
     while code == 0:
@@ -106,7 +108,7 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     ready.sort(key=lambda j: (model_needed(j, recipe) != kept, j["id"]))  # the job that reuses the model first
     for job in ready:
         log = workspace.log_path(Path(run["run_dir"]), job["id"], job["stage"], job["fmt"])
-        claimed = store.claim_this_job(job["id"], os.getpid(), str(log))
+        claimed = store.claim_this_job(job["id"], os.getpid(), str(log), processes.start_time(os.getpid()))
         if claimed is None:
             continue  # taken meanwhile (or no longer ready): try the next one
         if model_needed(claimed, recipe) != kept:

@@ -7,7 +7,6 @@ already fake-quantized model. Loss is on assistant tokens only (the chat templat
 from __future__ import annotations
 
 import math
-import re
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from transformers import TrainerCallback
 
 from engine.recipe.configs import TrainConfig
 from engine.runtime.context import Context
+from engine.runtime.workspace import NO_CHECKPOINT, latest_checkpoint  # noqa: F401 - part of this module's API
 
 
 class StoreMetricsCallback(TrainerCallback):
@@ -26,6 +26,7 @@ class StoreMetricsCallback(TrainerCallback):
         self.stage_label = stage_label
         self._last_time: float | None = None
         self._last_tokens = 0.0
+        self.note = ""  # appended to every progress message (a restart from step 0 stays visible while it trains)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.time()
@@ -46,7 +47,7 @@ class StoreMetricsCallback(TrainerCallback):
         if state.max_steps:
             summary = ", ".join(f"{k} {v:.4g}" for k, v in values.items() if k in ("loss", "eval_loss", "learning_rate"))
             self.ctx.progress(state.global_step / state.max_steps, f"{self.stage_label} step {state.global_step}/"
-                              f"{state.max_steps} {summary}")
+                              f"{state.max_steps} {summary}{self.note}")
         if "loss" in values and not math.isfinite(values["loss"]):
             raise FloatingPointError(
                 f"loss became {values['loss']} at step {state.global_step}: lower the learning rate "
@@ -117,18 +118,6 @@ def stage_result(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in ("train_loss", "eval_loss", "train_runtime")}
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete `checkpoint-N` dir (the Trainer writes `trainer_state.json` last)."""
-    if not output_dir.exists():
-        return None
-    found = []
-    for child in output_dir.iterdir():
-        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and child.is_dir() and (child / "trainer_state.json").exists():
-            found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
-
-
 def checkpoint_step(checkpoint: Path) -> int:
     return int(checkpoint.name.rsplit("-", 1)[1])
 
@@ -144,9 +133,17 @@ def train(trainer, ctx: Context, output_dir: Path) -> dict:
     """Run (or resume) training; on resume, metric rows after the checkpoint are dropped so plots stay continuous."""
     resume = latest_checkpoint(output_dir)
     main = trainer.is_world_process_zero()  # with several ranks only the main one writes to storage
-    if resume is not None and main:
-        dropped = ctx.store.delete_metrics_after(ctx.job_id, checkpoint_step(resume))
-        ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
+    if main:
+        # Rows of steps after the checkpoint (all of them without one: a kill or cancel before the first save) are
+        # trained again; dropped, so every curve has each step once.
+        dropped = ctx.store.delete_metrics_after(ctx.job_id, checkpoint_step(resume) if resume else 0)
+        if resume is not None:
+            ctx.log(f"resuming from {resume} (dropped {dropped} metric rows logged after it)")
+        elif ctx.job.get("attempt", 1) > 1 or dropped:
+            ctx.progress(0.0, f"{NO_CHECKPOINT} (dropped {dropped} metric rows of the lost steps)")
+            for callback in trainer.callback_handler.callbacks:
+                if isinstance(callback, StoreMetricsCallback):
+                    callback.note = f" ({NO_CHECKPOINT})"
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     metrics = dict(result.metrics)
     if trainer.eval_dataset is not None:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from engine.runtime import workspace
 from engine.runs import UserError, load_and_validate, resume_note, resume_run, settle
 
 TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
+
+
+def launcher() -> str:
+    """How to call launch.py again, for the hints printed to the user: `python launch.py` in an activated venv, else
+    the interpreter that runs now (it has the packages; a system python may not), e.g. `.venv/bin/python launch.py`."""
+    if os.environ.get("VIRTUAL_ENV"):
+        return "python launch.py"
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    return f"{python} launch.py"
 
 
 def cmd_run(recipe_path: str, workdir: Path, overrides: dict, wait: bool = True) -> int:
@@ -48,7 +63,7 @@ def watch(store, run_id: str, poll_s: float = 1.0) -> int:
                 break
             time.sleep(poll_s)
     except KeyboardInterrupt:
-        print(f"\nstopped watching; the run goes on in the engine. Follow it with: python launch.py status {run_id}")
+        print(f"\nstopped watching; the run goes on in the engine. Follow it with: {launcher()} status {run_id}")
         return 130
     return finish(store, run_id, time.time() - started)
 
@@ -67,7 +82,8 @@ def finish(store, run_id: str, elapsed: float) -> int:
         print(f"export ({fmt}): {export}")
     failed = [j for j in store.list_jobs(run_id) if j["status"] in ("failed", "interrupted", "cancelled")]
     for job in failed:
-        print(f"\n{job['config']['key']} {job['status']}: {job['error']}\n  log: {job['log_path']}", file=sys.stderr)
+        log = f"\n  log: {job['log_path']}" if job.get("log_path") else ""  # a job cancelled before it started has none
+        print(f"\n{job['config']['key']} {job['status']}: {job['error']}{log}", file=sys.stderr)
     return 0 if run["status"] == "succeeded" else 1
 
 
@@ -76,7 +92,7 @@ def cmd_resume(run_id: str, workdir: Path, wait: bool = True) -> int:
 
     store = _existing_store(workdir)
     if store.get_run(run_id) is None:
-        raise UserError(f"no run {run_id} in {workdir}; list runs with: python launch.py status")
+        raise UserError(f"no run {run_id} in {workdir}; list runs with: {launcher()} status")
     requeued = resume_run(store, run_id)
     if not requeued:
         print(f"run {run_id}: nothing to resume (no failed, interrupted or cancelled jobs)")
@@ -103,23 +119,35 @@ def cmd_cancel(run_id: str, workdir: Path) -> int:
 
 
 def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
+    """The runs of a workspace, or one run: a header, its jobs and its results table. With as_json, JSON only."""
     store = _existing_store(workdir)
     settle(store)  # a job whose process died with its engine reads 'interrupted', not 'running' for ever
     if run_id is None:
         runs = store.list_runs()
         if as_json:
             print(json.dumps(runs, default=str, indent=1))
+            return 0
         for run in runs:
             print(f"{run['id']}  {run['status']:<11} {run['name']}")
         return 0
-    if store.get_run(run_id) is None:
-        raise UserError(f"no run {run_id} in {workdir}")
-    for job in store.list_jobs(run_id):
-        print(f"{job['id']:>4} {job['config']['key']:<22} {job['status']:<11} {job.get('message') or ''}")
+    run = store.get_run(run_id)
+    if run is None:
+        raise UserError(f"no run {run_id} in {workdir}; list runs with: {launcher()} status")
     from engine.evaluation.results import format_table, summary
 
+    jobs, results = store.list_jobs(run_id), summary(store, run_id)
+    if as_json:
+        print(json.dumps({"run": run, "jobs": jobs, "results": results}, default=str, indent=1))
+        return 0
+    print(f"run {run['id']}  {run['name']}  {run['status']}")
+    print(f"created {_when(run['created_at'])}   run dir: {run.get('run_dir') or '-'}")
+    if run.get("error"):
+        print(f"error: {run['error']}")
     print()
-    print(format_table(summary(store, run_id)))
+    for job in jobs:
+        print(f"{job['id']:>4} {job['config']['key']:<22} {job['status']:<11} {job.get('message') or ''}")
+    print()
+    print(format_table(results))
     return 0
 
 
@@ -140,9 +168,13 @@ def cmd_stop(workdir: Path) -> int:
         print(f"stopped engine pid {', '.join(map(str, stopped))} on {workdir}")
     for job_id in running:
         job = store.get_job(job_id)
-        print(f"  job {job_id} {job['config']['key']}: {job['status']} (resume with: python launch.py resume "
+        print(f"  job {job_id} {job['config']['key']}: {job['status']} (resume with: .venv/bin/python launch.py resume "
               f"{job['run_id']})")
     return 0
+
+
+def _when(timestamp: float | None) -> str:
+    return datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S") if timestamp else "-"
 
 
 def _existing_store(workdir: Path):

@@ -7,6 +7,7 @@ the recipe YAML or the UI forms.
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -15,15 +16,28 @@ from typing import Any, Literal, get_args, get_origin
 from engine.recipe.configs import leaf_fields
 
 
+class StudioParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets two lines (the problem, naming the flag as typed, and where to read the help)
+    instead of the whole usage: with one flag per recipe field the usage alone is ~70 lines."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see: {self.prog} --help)\n")
+
+
+_METAVAR = {int: "INT", float: "FLOAT", str: "TEXT"}
+
+
 def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("recipe overrides (each defaults to the recipe file's value)")
     for dotted, field in leaf_fields():
-        kwargs: dict[str, Any] = {"dest": f"set__{dotted}", "default": argparse.SUPPRESS, "help": field.description}
         base, is_list = _unwrap(field.annotation)
+        # metavar: argparse would otherwise show the dest, SET__SFT.LEARNING_RATE, in --help and in errors.
+        kwargs: dict[str, Any] = {"dest": f"set__{dotted}", "default": argparse.SUPPRESS, "help": field.description,
+                                  "metavar": _METAVAR.get(base, "VALUE")}
         if base is bool:
             kwargs.update(type=_parse_bool, metavar="{true,false}")
         elif get_origin(base) is Literal:
-            kwargs.update(choices=list(get_args(base)))
+            kwargs.update(choices=list(get_args(base)), metavar="{" + ",".join(map(str, get_args(base))) + "}")
         elif base in (int, float):
             kwargs.update(type=base)
         if is_list:

@@ -31,7 +31,7 @@ from .rules import (  # noqa: F401 - StorageError, derive_run_status and the sta
     JOB_TERMINAL,
     JSON_FIELDS,
     RUN_TERMINAL,
-    SECRET_GUARDED,
+    REDACTED_FIELDS,
     STATUS_FIELD,
     StorageError,
     _finite_or_none,
@@ -39,6 +39,7 @@ from .rules import (  # noqa: F401 - StorageError, derive_run_status and the sta
     _resources,
     derive_run_status,
     new_run_id,
+    redact_secrets,
     refuse_secrets,
 )
 from .services import ServiceRows
@@ -132,8 +133,8 @@ class Store(ServiceRows):
 
     def _encode(self, table: str, fields: dict) -> dict:
         """Check field names and values, and JSON-encode the JSON fields: the row to write."""
-        if table in SECRET_GUARDED:
-            refuse_secrets(fields, table)
+        fields = {k: redact_secrets(v) if k in REDACTED_FIELDS and isinstance(v, str) else v for k, v in fields.items()}
+        refuse_secrets(fields, table)  # every table: any row may carry a value copied from user input
         if "status" in fields and table in STATUS_FIELD and fields["status"] not in STATUS_FIELD[table]:
             raise StorageError(f"{table}.status {fields['status']!r} is not one of {sorted(STATUS_FIELD[table])}")
         row = dict(fields)
@@ -375,6 +376,7 @@ class Store(ServiceRows):
             job = db.execute("SELECT run_id FROM jobs WHERE id = ?", [job_id]).fetchone()
             if job is None:
                 raise StorageError(f"no job {job_id}")
+            refuse_secrets([str(name) for name in values], "metrics.name")
             rows = [{"run_id": job[0], "job_id": job_id, "step": int(step), "name": str(name),
                      "value": _finite_or_none(name, value), "time": stamp} for name, value in values.items()]
             db["metrics"].insert_all(rows)

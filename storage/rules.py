@@ -17,7 +17,7 @@ JOB_TERMINAL = JOB_STATUSES - {"queued", "running", "cancelling"}
 BLOCKING_DEP = {"failed", "cancelled", "skipped", "missing"}  # a queued job depending on one of these never runs
 JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on", "ranks"), "evals": ("metrics",),
                "eval_examples": ("detail",), "artifacts": ("meta",), "telemetry": ("sample",)}
-SECRET_GUARDED = {"runs", "jobs", "servers"}  # tables whose rows come from user-edited recipes and forms
+REDACTED_FIELDS = {"error", "error_detail"}  # exception texts: masked, not refused (losing a failure is worse)
 STATUS_FIELD = {"runs": RUN_STATUSES, "jobs": JOB_STATUSES}
 
 
@@ -33,6 +33,17 @@ SECRET_KEY = re.compile(
 )
 # The same inside a server's command line, e.g. "vllm serve ... --api-key sk-...".
 SECRET_FLAG = re.compile(r"--(api[-_]?key|token|hf[-_]token|password|secret)[= ]+\S", re.IGNORECASE)
+# Values that are credentials whatever key holds them, in any string of any row. Kept specific, since eval examples
+# and datasets hold free text: a bearer token must contain a digit, '-' or '_' ("Bearer bonds" is prose), API keys
+# need their vendor prefix and a key-like length, a URL needs both user and password before the '@'.
+SECRET_VALUE = re.compile(
+    r"\bBearer\s+(?=[\w.~+/-]*[0-9_-])[\w.~+/-]{3,}"
+    r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_-]{16,}"
+    r"|\bhf_[A-Za-z0-9]{20,}"
+    r"|\bgh[pousr]_[A-Za-z0-9]{20,}"
+    r"|\bAKIA[0-9A-Z]{16}\b"
+    r"|\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/?#@:]+:[^\s/?#@]+@"
+)
 
 
 def _secret_key(key: str) -> bool:
@@ -41,19 +52,30 @@ def _secret_key(key: str) -> bool:
 
 
 def refuse_secrets(value: Any, where: str) -> None:
-    """Raise StorageError if any dict key (recursively) names a credential with a non-empty value. Callers must
-    strip secrets before storing: the DB is read by the UI and copied around with the workspace."""
+    """Raise StorageError if any dict key (recursively) names a credential with a non-empty value, or any string
+    looks like one (SECRET_VALUE). Callers must strip secrets before storing: the DB is read by the UI and copied
+    around with the workspace."""
     if isinstance(value, dict):
         for key, item in value.items():
             if _secret_key(str(key)) and item not in (None, "", [], {}):
                 raise StorageError(f"{where}.{key} looks like a secret; strip it before storing (read it from the "
                                    "environment at run time instead)")
+            refuse_secrets(str(key), f"{where}.{key}")
             refuse_secrets(item, f"{where}.{key}")
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             refuse_secrets(item, f"{where}[{index}]")
-    elif isinstance(value, str) and where.endswith(".command") and SECRET_FLAG.search(value):
-        raise StorageError(f"{where} passes a secret on the command line; use an environment variable instead")
+    elif isinstance(value, str):
+        if where.endswith(".command") and SECRET_FLAG.search(value):
+            raise StorageError(f"{where} passes a secret on the command line; use an environment variable instead")
+        if SECRET_VALUE.search(value):
+            raise StorageError(f"{where} holds a value that looks like a secret (a bearer token, an API key or a "
+                               "URL with a password); strip it before storing")
+
+
+def redact_secrets(text: str | None) -> str | None:
+    """An error text with credential-looking values masked: an exception may quote a URL or a header."""
+    return None if text is None else SECRET_VALUE.sub("<redacted>", text)
 
 
 def new_run_id() -> str:

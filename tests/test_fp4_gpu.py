@@ -6,6 +6,7 @@ Those differences are counted per cause, asserted to be the only ones ("unexplai
 printed, written as JSON to $FP4_GPU_REPORT, and surfaced as XFAIL with the counts in the reason:
 - MX CUDA extension: E2M1 ties to even (reference: ties down), E8M0 exponent from float bits
   (reference: float32 log2, which rounds), sign of zero.
+- NVFP4 via the MX CUDA extension (no Triton): see classify_nv_cuda_ext.
 - NVFP4 Triton kernel (sm >= 8.9): block 16 whatever the config says, no 2**-9 clamp of the FP8
   block scale and block scales < 1e-5 replaced by 1.0, -0.0 for negatives rounding to zero, and
   an fp32 division that is not correctly rounded, so a quotient exactly on an E2M1 midpoint can
@@ -235,20 +236,54 @@ def test_modelopt_nvfp4_triton_kernel_vs_reference(case):
     record(f"nv_triton/config_block32/{case}", classify_nv(raw, x, global_amax, 32))
 
 
+def classify_nv_cuda_ext(kernel: torch.Tensor, x: torch.Tensor, global_amax: torch.Tensor, block: int) -> dict:
+    """modelopt's NVFP4 path through the MX CUDA extension (tensor_quant_mx.cu, built with --use_fast_math) against
+    NVFP4QTensor, each difference put down to one cause read off the kernel's source:
+    - signed_zero: both zero, signs differ. quantize() leaves its `int sign` uninitialised when x == 0, and gives
+      -0.0 to negatives that round to zero (the reference: +0.0).
+    - small_block_scale: the block's FP8 scale is below E4M3's smallest subnormal, 2**-9 (or the reference's block
+      scale < 1e-5): the kernel lets the E4M3 cast round it (to 0 or a subnormal), the reference clamps it.
+    - block_scale_ulp: same E4M3 code, but the kernel decodes the block scale as q8 / (448 * 6 / global_amax) in
+      double, rounded once, the reference as q8 * (global_amax / 2688) in float: one ulp apart, so outputs are too.
+    - huge_global_amax: global_amax > 2**126: fast-math's division 6 / global_amax returns 0 there, the scale
+      becomes 0 / 0 and every output NaN.
+    Anything else is "unexplained" and fails the test. A CPU emulation of the kernel reproduced the H100's counts
+    of docs/results/fp4_gpu_h100.json exactly for random_fp32 (68,886 values, 158,476 signed zeros) and the crafted
+    cases' value counts (ties 22, mixed_fp32 28); the gpt-oss-sized cases were too large to emulate on CPU."""
+    global_scale = torch_backend.nvfp4_global_scale(x, global_amax)
+    counts = {"elements": x.numel(), "signed_zero": 0, "small_block_scale": 0, "block_scale_ulp": 0,
+              "huge_global_amax": 0, "unexplained": 0}
+    huge = bool(global_amax > 2.0**126)
+    two_level = 448.0 * (6.0 / global_amax.float()).double()
+    for k, r, xs in zip(*(torch.split(t, SLICE) for t in (kernel, reference("nv", x, block, global_amax), x))):
+        k, r, blocks = block_view(k, block), block_view(r, block), block_view(xs, block)
+        diff = bits(k) != bits(r)
+        if huge:
+            counts["huge_global_amax"] += int(diff.sum())
+            continue
+        signed_zero = diff & (k == 0) & (r == 0)
+        per_block = torch_backend._block_amax(blocks) / (6.0 * global_scale)
+        ref_scale = torch_backend._nv_block_scale(blocks, global_scale)
+        small = ((per_block < 2**-9) | (ref_scale < 1e-5)).expand_as(k)
+        code = ((torch_backend._block_amax(blocks) / 6.0).double() * two_level).float().to(torch.float8_e4m3fn)
+        ulp = ((code.double() / two_level).float() != ref_scale).expand_as(k)
+        value = diff & ~signed_zero
+        counts["signed_zero"] += int(signed_zero.sum())
+        counts["small_block_scale"] += int((value & small).sum())
+        counts["block_scale_ulp"] += int((value & ~small & ulp).sum())
+        counts["unexplained"] += int((value & ~small & ~ulp).sum())
+    return counts
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_modelopt_nvfp4_cuda_ext_vs_reference(case, monkeypatch):
-    """The path modelopt takes for NVFP4 without the Triton kernel (e.g. sm < 8.9); honours the block size."""
+    """The path modelopt takes for NVFP4 without the Triton kernel (e.g. sm < 8.9); honours the block size. XFAIL
+    only when every difference has one of classify_nv_cuda_ext's causes; any other difference fails."""
     monkeypatch.setattr(tensor_quant, "DISABLE_TRITON_KERNEL", True)
     x = make_input(case)
     global_amax = x.abs().amax().float()
     raw = tensor_quant.dynamic_block_quant(x, 32, global_amax, None, (2, 1), (4, 3))
-    ref = reference("nv", x, 32, global_amax)
-    diff = bits(raw) != bits(ref)
-    signed_zero = diff & (raw == 0) & (ref == 0)
-    counts = {"elements": x.numel(), "signed_zero": int(signed_zero.sum()), "value": int((diff & ~signed_zero).sum())}
-    REPORT[f"nv_cuda_ext/block32/{case}"] = counts
-    if counts["signed_zero"] or counts["value"]:
-        pytest.xfail(f"NVFP4 via the MX CUDA extension differs from NVFP4QTensor: {counts}")
+    record(f"nv_cuda_ext/block32/{case}", classify_nv_cuda_ext(raw, x, global_amax, 32))
 
 
 def test_speed_report():

@@ -371,25 +371,7 @@ def test_delete_run_cascades(store: Store, tmp_path: Path) -> None:
     assert store.list_servers()[0]["id"] == server and store.list_servers()[0]["run_id"] is None
 
 
-# ---- secrets, telemetry, engines, servers ----------------------------------------------------------------------------
-
-def test_secret_guard(store: Store) -> None:
-    run = store.create_run("ok", {"model": {"pad_token": "<pad>", "max_new_tokens": 8, "api_key": ""},
-                                  "tokenizer": {"eos_token": "x"}, "hub": {"token": None}})
-    for recipe in ({"serve": {"api_key": "sk-1"}}, {"a": [{"HF_TOKEN": "hf_x"}]}, {"db": {"Password": "p"}},
-                   {"openaiApiKey": "sk"}, {"headers": {"Authorization": "Bearer x"}}):
-        with pytest.raises(StorageError, match="secret"):
-            store.create_run("leaky", recipe)
-    with pytest.raises(StorageError, match="secret"):
-        store.add_job(run, "sft", config={"wandb": {"client_secret": "s"}})
-    job = store.add_job(run, "sft", config={"lr": 1})
-    with pytest.raises(StorageError, match="secret"):
-        store.update_job(job, config={"access_token": "t"})
-    with pytest.raises(StorageError, match="secret"):
-        store.add_server(backend="vllm", command="vllm serve m --api-key sk-123")
-    assert store.add_server(backend="vllm", command="vllm serve m --port 8000") > 0
-    assert len(store.list_runs()) == 1 and store.get_job(job)["config"] == {"lr": 1}
-
+# ---- telemetry, engines, servers (secrets: tests/test_storage_secrets.py) -----------------------------------------
 
 def test_telemetry_window(store: Store) -> None:
     for second in range(10):

@@ -32,11 +32,14 @@ NETWORK_REFUSAL = ("binding {host} exposes the app to the network; pass --auth u
                    "(a file of user:pass lines)")
 
 
+APP_TITLE = "gpt-oss QAT Studio"  # also how a second launch recognises a running app on its port
+
+
 def build_app(workdir: Path) -> gr.Blocks:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     state = AppState(workdir)
-    with gr.Blocks(title="gpt-oss QAT Studio") as app:
+    with gr.Blocks(title=APP_TITLE) as app:
         header.build(state)
         with gr.Tabs(selected="recipe", elem_id="tabs") as tabs:
             state.goto_tab = tabs
@@ -143,6 +146,9 @@ def launch_app(workdir: Path, host: str = "127.0.0.1", port: int = 7860, auth: s
     if not is_loopback(host) and not credentials:
         print(f"error: {NETWORK_REFUSAL.format(host=host)}", file=sys.stderr)
         return 2
+    exit_status = port_taken(host, port)
+    if exit_status is not None:
+        return exit_status
     from engine.runtime.worker import ensure_engine
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +190,35 @@ def beat_in_background(workdir: Path) -> None:
             time.sleep(APP_HEARTBEAT_S)
 
     threading.Thread(target=beat, name="app-heartbeat", daemon=True).start()
+
+
+def port_taken(host: str, port: int) -> int | None:
+    """None when the port is free. Else say who holds it: this app (a second `make demo`: print its address, exit 0)
+    or another program (exit 1 with what to do), instead of Gradio's 'Cannot find empty port' traceback."""
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT socket is free
+        try:
+            sock.bind((host, port))
+            return None
+        except OSError:
+            pass
+    probe = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{f'[{probe}]' if ':' in probe else probe}:{port}"
+    try:
+        with urllib.request.urlopen(f"{url}/config", timeout=5) as reply:
+            ours = json.load(reply).get("title") == APP_TITLE
+    except Exception:  # not HTTP, not Gradio, behind auth...: not recognisably this app
+        ours = False
+    if ours:
+        print(f"already running at {url}")
+        return 0
+    print(f"error: port {port} on {host} is in use by another program; stop it or pick another port with --port N",
+          file=sys.stderr)
+    return 1
 
 
 def _warm_up() -> None:

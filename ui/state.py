@@ -150,7 +150,7 @@ def recipe_command(name: str, recipe: Recipe) -> str:
 
     file_values = _flat(load_recipe_file(name).model_dump(mode="json"))
     ours = _flat(recipe.model_dump(mode="json"))
-    parts = [f"python launch.py run assets/recipes/{name}.yaml"]
+    parts = [f".venv/bin/python launch.py run assets/recipes/{name}.yaml"]  # as README writes every command
     for dotted, _ in leaf_fields():
         if ours.get(dotted) != file_values.get(dotted):
             parts.append(f"--{dotted} {_flag_value(ours.get(dotted))}")

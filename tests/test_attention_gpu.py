@@ -5,7 +5,8 @@
   no larger than bf16 eager's (plus a small margin), for the logits and the gradients of the sinks, q/k/v/o and the
   embeddings;
 - 50 SFT steps through the engine's trainer (TRL SFTTrainer, assistant-only labels) with flex + chunked loss against
-  eager + full logits, same data and seed: the loss curves agree within bf16 training noise.
+  eager + full logits, same data and seed, and 50 QAT steps (MXFP4 on our backend and fast experts path, the QAT
+  stage's trainer class): the loss curves agree within bf16 training noise.
 Run on the device: python -m pytest -m gpu tests/test_attention_gpu.py
 """
 
@@ -81,7 +82,19 @@ def test_flex_matches_eager_at_gpt_oss_20b_attention_shape_bf16(seq):
         assert f_err <= 1.5 * e_err + 5e-3, name
 
 
-def sft_losses(tmp_path, attn: str, loss: str, steps: int = 50) -> list[float]:
+def quantize_mxfp4(model, tokenizer, rows):
+    """The PTQ stage's model in miniature: MXFP4 fake quant on our backend, calibrated, on the fast experts path."""
+    from engine.fp4 import fast_experts, modelopt_glue, torch_backend
+
+    torch_backend.register()
+    ids = tokenizer.apply_chat_template(rows[0]["messages"], return_tensors="pt", return_dict=True)["input_ids"]
+    model = modelopt_glue.quantize(model, "mxfp4", lambda m: m(input_ids=ids.to("cuda")),
+                                   modelopt_glue.resolve_backend("auto", "cuda"))
+    assert fast_experts.enable(model) > 0
+    return model
+
+
+def sft_losses(tmp_path, attn: str, loss: str, steps: int = 50, qat: bool = False) -> list[float]:
     from transformers import GptOssForCausalLM
     from trl import SFTConfig, SFTTrainer
 
@@ -92,22 +105,30 @@ def sft_losses(tmp_path, attn: str, loss: str, steps: int = 50) -> list[float]:
     config.sliding_window = 32  # demo rows are ~100-200 tokens: let the window cut
     torch.manual_seed(0)
     model = GptOssForCausalLM(config).to("cuda", torch.bfloat16)
-    attention.use(model, attn, "cuda", log=print)
     rows = load_chat_dataset("embedded:demo")[:steps * 8]
+    trainer_class = SFTTrainer
+    if qat:
+        from engine.stages.qat import trainer_class as qat_trainer_class
+
+        model = quantize_mxfp4(model, embedded_tokenizer(), rows)
+        trainer_class = qat_trainer_class()
+    attention.use(model, attn, "cuda", log=print)
     args = SFTConfig(output_dir=str(tmp_path / f"{attn}-{loss}"), bf16=True, report_to=[], assistant_only_loss=True,
                      max_length=512, per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-3,
                      lr_scheduler_type="constant", logging_steps=1, save_strategy="no", seed=0, data_seed=0,
                      packing=False, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = hf_trainer.atomic_trainer(SFTTrainer)(model=model, args=args, train_dataset=hf_trainer.as_dataset(rows),
-                                                    processing_class=embedded_tokenizer())
+    extra = {"quant_args": None} if qat else {}
+    trainer = hf_trainer.atomic_trainer(trainer_class)(model=model, args=args, processing_class=embedded_tokenizer(),
+                                                       train_dataset=hf_trainer.as_dataset(rows), **extra)
     trainer.loss_path = loss
     trainer.train()
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
 
-def test_50_sft_steps_flex_and_chunked_follow_eager_and_full_logits(tmp_path):
-    eager = sft_losses(tmp_path, "eager", "full")
-    new = sft_losses(tmp_path, "flex", "chunked")
+@pytest.mark.parametrize("qat", [False, True], ids=["sft", "qat-mxfp4"])
+def test_50_steps_flex_and_chunked_follow_eager_and_full_logits(tmp_path, qat):
+    eager = sft_losses(tmp_path, "eager", "full", qat=qat)
+    new = sft_losses(tmp_path, "flex", "chunked", qat=qat)
     assert len(eager) == len(new) == 50
     print("eager+full   ", [round(x, 3) for x in eager[::5]])
     print("flex+chunked ", [round(x, 3) for x in new[::5]])

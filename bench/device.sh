@@ -10,6 +10,11 @@
 #   qat-step       bench/qat_step.py: BF16 vs engine QAT vs modelopt, 2-layer gpt-oss-20b cut, 4 x 1024
 #   qat-step-long  the same at 8 x 2048
 #   qat-w4a4       NVFP4 W4A4: modelopt's kernels vs our backend through modelopt's expert wrapper
+#   attn-step      bench/qat_step.py at 4 x 1024: BF16 and engine QAT, eager + full logits vs flex + chunked loss
+#   context-1k context-4k context-16k context-64k
+#                  bench/long_context.py sweep at T = 1k/4k/16k/64k, 16k tokens per step (batch 16/4/1/1):
+#                  bf16 and engine:mxfp4, each eager+full vs flex+chunked, gradient checkpointing
+#   max-context    bench/long_context.py max-context: longest T for one LoRA QAT step of the 24-layer 20b shape
 #   serve          bench/serve_bench.py: transformers serve of a 2-layer 20b-shaped checkpoint (load, TTFT, tokens/s)
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
@@ -17,8 +22,9 @@
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
-STEPS="env gpu-tests qat-step qat-step-long qat-w4a4 serve mem-probe fsdp engine-overhead"
-[ $# -gt 0 ] || { sed -n '2,19p' "$0" | grep '^#'; exit 2; }
+STEPS="env gpu-tests qat-step qat-step-long qat-w4a4 attn-step context-1k context-4k context-16k context-64k
+  max-context serve mem-probe fsdp engine-overhead"
+[ $# -gt 0 ] || { sed -n '2,30p' "$0" | grep '^#'; exit 2; }
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
 done
@@ -53,6 +59,13 @@ run_step() {
         --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:mxfp4 --json "$OUT/qat-step-long.json" ;;
     qat-w4a4) step qat-w4a4 300 python3 bench/qat_step.py --paths bf16,modelopt:nvfp4_w4a4,wrapper:nvfp4_w4a4 \
         --json "$OUT/qat-w4a4.json" ;;
+    attn-step) step attn-step 300 python3 bench/qat_step.py --same-process \
+        --paths bf16@eager/full,bf16@flex/chunked,engine:mxfp4@eager/full,engine:mxfp4@flex/chunked \
+        --json "$OUT/attn-step.json" ;;
+    context-1k|context-4k|context-16k|context-64k) local t=${1#context-}; t=${t%k}
+        step "$1" 280 python3 bench/long_context.py sweep --seq $((t * 1024)) --tokens 16384 --json "$OUT/$1.json" ;;
+    max-context) step max-context 300 python3 bench/long_context.py max-context \
+        --seqs 16384,32768,65536,98304,131072 --json "$OUT/max-context.json" ;;
     serve) step serve 200 python3 bench/serve_bench.py --layers 2 --experts 32 --hidden 2880 --intermediate 2880 \
         --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --requests 8 --max-tokens 128 --device cuda:0 \
         --start-timeout 100 --json "$OUT/serve.json" ;;

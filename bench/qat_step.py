@@ -11,6 +11,10 @@ Paths:
   engine:<fmt>     what the app trains with: the same quantized model, plus engine/fp4/fast_experts.py (each 3-D expert
                    weight fake-quantized once per forward along the input dim, transformers' grouped_mm experts path)
   param:<fmt>      experiment: no modelopt at all; a torch parametrization fake-quantizes the expert weights
+Any path may end in @<attention>/<loss> (default: --attention / --loss): attention eager (transformers' eager, a
+[batch, 64, T, T] score tensor per layer) or flex (engine/training/attention.py, compiled flex_attention with the
+sinks through the LSE); loss full (the model's own loss over [tokens, vocab] logits) or chunked (TRL's fused LM head,
+what SFTTrainer / QATSFTTrainer compute: engine/training/hf_trainer.loss_path). e.g. bf16@eager/full,bf16@flex/chunked
 Each step is forward + backward + AdamW step on random tokens; the model is random-init (speed does not depend on
 the values). The same optimizer and inputs for every path.
 
@@ -35,7 +39,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 
-def build_model(args):
+def split_path(path: str, args) -> tuple[str, str, str]:
+    """'engine:mxfp4@flex/chunked' -> ('engine:mxfp4', 'flex', 'chunked'); without '@' the --attention / --loss."""
+    quant, _, rest = path.partition("@")
+    attn, _, loss = rest.partition("/")
+    attn, loss = attn or args.attention, loss or args.loss
+    if attn not in ("eager", "flex") or loss not in ("full", "chunked"):
+        raise ValueError(f"{path}: attention must be eager or flex, loss full or chunked")
+    return quant, attn, loss
+
+
+def build_model(args, attn: str = "eager"):
     from transformers import GptOssConfig, GptOssForCausalLM
 
     cfg = GptOssConfig(
@@ -47,8 +61,19 @@ def build_model(args):
     )
     cfg._attn_implementation = "sdpa" if args.sdpa else "eager"
     torch.manual_seed(0)
-    with torch.device(args.device):
-        model = GptOssForCausalLM(cfg).to(torch.bfloat16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: a 24-layer 20b in fp32 would not fit
+    try:
+        with torch.device(args.device):
+            model = GptOssForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    if attn == "flex":
+        from engine.training import attention
+
+        attention.use(model, "flex", args.device, log=lambda _: None)
+    if getattr(args, "checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -111,9 +136,19 @@ def add_fake_quant_parametrizations(model, fmt: str):
     return model
 
 
-def step_fn(model, opt, batch):
+def step_fn(model, opt, batch, loss_kind: str = "full"):
+    if loss_kind == "chunked-ready":  # the fused head is already on this model
+        loss_kind = "chunked"
+    elif loss_kind == "chunked":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
+
     def step():
-        loss = model(input_ids=batch, labels=batch).loss
+        if loss_kind == "chunked":
+            loss = model(input_ids=batch, labels=batch, fused_lm_head=True).loss
+        else:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -132,11 +167,12 @@ def measure(path: str, args, batch) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    model = prepare(build_model(args), path, batch)
+    quant, attn, loss_kind = split_path(path, args)
+    model = prepare(build_model(args, attn), quant, batch)
     model_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")  # weights + quantizer state
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
-    step = step_fn(model, opt, batch)
+    step = step_fn(model, opt, batch, loss_kind)
     for _ in range(args.warmup):
         step()
     _sync()
@@ -180,7 +216,7 @@ def profile(step, top: int = 12) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--experts", type=int, default=32)
@@ -194,13 +230,20 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--sdpa", action="store_true", help="sdpa attention instead of eager (the recipe uses eager)")
     parser.add_argument("--paths", default="bf16,modelopt:mxfp4,wrapper:mxfp4,engine:mxfp4,modelopt:nvfp4,engine:nvfp4")
+    parser.add_argument("--attention", default="eager", choices=("eager", "flex"), help="paths without '@'")
+    parser.add_argument("--loss", default="full", choices=("full", "chunked"), help="paths without '@'")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (the recipe's default)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-paths", default="engine:mxfp4")
     parser.add_argument("--json", default=None)
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with tiny dims")
     parser.add_argument("--same-process", action="store_true",
                         help="measure every path in this process (default: one fresh process per path)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     args.profile_paths = args.profile_paths.split(",")
 
     torch.manual_seed(0)
@@ -260,15 +303,15 @@ def measure_in_subprocess(path: str, argv: list[str]) -> dict:
 
 
 def print_table(results: list[dict], args) -> None:
-    base = next((r["step_s"] for r in results if r["path"] == "bf16" and "step_s" in r), None)
-    print(f"\n{'path':<16} {'step s':>8} {'x BF16':>7} {'tokens/s':>10} {'peak GiB':>9} {'setup GiB':>9}  "
+    base = next((r["step_s"] for r in results if r["path"].split("@")[0] == "bf16" and "step_s" in r), None)
+    print(f"\n{'path':<26} {'step s':>8} {'x BF16':>7} {'tokens/s':>10} {'peak GiB':>9} {'setup GiB':>9}  "
           f"(batch {args.batch}x{args.seq})")
     for r in results:
         if "error" in r:
-            print(f"{r['path']:<16} {r['error']}")
+            print(f"{r['path']:<26} {r['error']}")
             continue
         ratio = f"{r['step_s'] / base:.2f}" if base else "-"
-        print(f"{r['path']:<16} {r['step_s']:8.3f} {ratio:>7} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.1f} "
+        print(f"{r['path']:<26} {r['step_s']:8.3f} {ratio:>7} {r['tokens_per_s']:10.0f} {r['peak_gib']:9.1f} "
               f"{r['setup_peak_gib']:9.1f} {r.get('model_gib', float('nan')):6.1f} {r.get('steady_gib', float('nan')):6.1f}")
     for r in results:
         for row in r.get("profile", []):

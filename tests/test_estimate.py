@@ -85,3 +85,36 @@ def test_config_sources_and_bad_arguments(tmp_path):
         estimate("gpt-oss-20b", method="qlora")
     with pytest.raises(FileNotFoundError):
         estimate(tmp_path / "missing")
+
+
+def test_flex_attention_and_chunked_loss_drop_the_scores_and_the_logits():
+    """At 64k tokens eager's [batch, 64, T, T] scores (48 GiB per layer) and the [tokens, 201088] logits (72 GiB)
+    dominate; flex keeps 8 bytes per query and head, the chunked loss one tile plus the lm_head's fp32 gradient."""
+    from engine.training.estimate import activation_bytes, load_config
+
+    c = load_config("gpt-oss-20b")
+    eager = activation_bytes(c, 1, 65536, True)
+    new = activation_bytes(c, 1, 65536, True, "flex", chunked_loss=True, lm_head_trains=False)
+    assert eager["logits"] == 65536 * 201088 * 6
+    assert new["logits"] == 4096 * 32768 * 2 + 65536 * 2880 * 6
+    assert eager["layers"] - new["layers"] == 64 * 65536 * 65536 * 6 - 64 * 65536 * 8
+    lora_long = estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141, attention="flex",
+                         chunked_loss=True)
+    assert lora_long["verdict"] == "fits"
+    assert estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141)["verdict"] == "does not fit"
+    with pytest.raises(ValueError, match="attention"):
+        estimate("gpt-oss-20b", attention="sdpa")
+
+
+def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
+    from engine.recipe.configs import Recipe
+    from engine.training.estimate import estimate_recipe
+
+    recipe = Recipe.model_validate({"model": {"source": "gpt-oss-20b"}, "data": {"max_length": 16384},
+                                    "sft": {"lora": True}})
+    on_gpu = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
+    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("flex", True)
+    recipe.hardware.attention, recipe.hardware.chunked_loss = "eager", "off"
+    eager = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
+    assert eager["per_gpu_gib"]["activations"] > on_gpu["per_gpu_gib"]["activations"] + 50
+    assert estimate_recipe(Recipe(), "sft", cuda=False)["attention"] == "eager"

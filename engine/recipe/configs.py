@@ -188,6 +188,20 @@ class HardwareConfig(StageConfig):
         "bit-exact to modelopt's reference QTensors, inside modelopt's expert wrapper), 'auto' (our backend and our "
         "fast experts path: each expert weight quantized once per forward, grouped matmuls; same numbers).",
     )
+    attention: Literal["auto", "eager", "flex"] = Field(
+        "auto",
+        description="Attention kernel for SFT and QAT: 'flex' (PyTorch flex_attention, compiled on CUDA: gpt-oss's "
+        "sinks, 128-token sliding window and GQA in one fused kernel that never builds the [batch, heads, T, T] "
+        "scores: long contexts fit), 'eager' (transformers' reference; memory grows with T squared), 'auto' (flex "
+        "on CUDA, eager on CPU). On CPU 'flex' runs flex's unfused reference (as slow as eager; for checks only).",
+    )
+    chunked_loss: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Loss without the [tokens, vocabulary] logits: 'on' (TRL's fused LM head: lm_head + cross-"
+        "entropy in tiles, recomputed in backward; the logits of gpt-oss's 201,088-token vocabulary are never "
+        "stored), 'off' (the model's own loss over the full logits), 'auto' (on, except under fsdp2 where TRL's "
+        "fused head cannot run). Same labels (assistant tokens only) and normalisation either way.",
+    )
     reuse_process: bool = Field(
         True,
         description="Run the run's next ready job in the process of the one that just finished (same device): "
@@ -239,6 +253,9 @@ class HardwareConfig(StageConfig):
             raise ValueError(f"machine_rank {self.machine_rank} must be below num_machines {self.num_machines}")
         if self.device == "cpu" and self.strategy in ("fsdp2", "deepspeed_zero3"):
             raise ValueError(f"strategy {self.strategy} needs CUDA GPUs; on CPU use ddp")
+        if self.strategy == "fsdp2" and self.chunked_loss == "on":
+            raise ValueError("chunked_loss 'on' cannot run under fsdp2 (TRL's fused LM head reads the lm_head "
+                             "outside FSDP2's hooks): use 'auto' or 'off'")
         if self.num_machines > 1 and self.main_process_port == 0:
             raise ValueError("multi-machine runs need a fixed main_process_port that the other machines dial")
         per_machine = self.num_processes // self.num_machines

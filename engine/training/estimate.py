@@ -16,8 +16,13 @@ The model is a config dict (config.json's keys), a path to a checkpoint dir / co
       prefetched) in `dtype`; single and ddp hold everything on each GPU.
   activations (bf16, t = batch * seq tokens per GPU):
       per layer     t * (18 H + 4 k I) * 2          hidden-size tensors, plus the k routed experts' 2I + I outputs
-      attention     batch * heads * seq^2 * 6       eager attention (what the app runs) keeps scores and probs
-      logits        t * vocab * 6                   bf16 logits and their fp32 upcast in the loss
+      attention     batch * heads * seq^2 * 6       eager attention keeps scores and probs
+                    batch * heads * seq * 8         flex attention (hardware.attention; engine/training/attention.py):
+                                                    no scores, only the fp32 lse and sink gate per query
+      logits        t * vocab * 6                   full-logits loss: bf16 logits and their fp32 upcast
+                    4096 * 32768 * 2 + t * H * 6    chunked loss (hardware.chunked_loss, TRL's fused LM head): one
+                    (+ vocab * H * 4 when lm_head   [4096 tokens, 32768 vocab] tile, the selected hidden states and
+                    trains, i.e. not LoRA)          their fp32 gradient, the fp32 lm_head gradient accumulator
       gradient checkpointing keeps each layer's input (t * H * 2 per layer) and recomputes one layer at a time.
   overhead      1.5 GiB per GPU: CUDA context and allocator slack.
 Calibration: docs/benchmarks.md measured 28.3 GiB peak for a 2-layer gpt-oss-20b-shaped model (batch 4 x 1024, no
@@ -40,6 +45,8 @@ FIT_MARGIN = 0.92  # "fits" below 92% of the card: fragmentation and peaks the f
 DEFAULT_GPU_GIB = 80.0  # an H100 / A100 80GB, when NVML is absent and no size is given
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
 ACT_HIDDEN, ACT_EXPERT, ATTN_BYTES, LOGIT_BYTES = 18, 4, 6, 6
+FLEX_BYTES_PER_QUERY = 8  # flex attention: the fp32 lse and the fp32 sink gate, per query and head
+LOSS_TILE_BYTES = 4096 * 32768 * 2  # TRL's chunked loss: one bf16 [tokens, vocab] tile (trl.kernels.chunked_logprob)
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed_zero3")
 
 _GPT_OSS = {"model_type": "gpt_oss", "hidden_size": 2880, "intermediate_size": 2880, "num_attention_heads": 64,
@@ -117,11 +124,18 @@ def state_bytes(counts: dict, method: str, strategy: str, dtype_bytes: int, lora
     return {"weights": p * dtype_bytes, "grads": p * dtype_bytes, "optimizer": p * 2 * dtype_bytes}
 
 
-def activation_bytes(c: dict, batch: int, seq: int, gradient_checkpointing: bool) -> dict:
+def activation_bytes(c: dict, batch: int, seq: int, gradient_checkpointing: bool, attention_kind: str = "eager",
+                     chunked_loss: bool = False, lm_head_trains: bool = True) -> dict:
     tokens, h = batch * seq, c["hidden_size"]
     layer = tokens * (ACT_HIDDEN * h + ACT_EXPERT * c["num_experts_per_tok"] * c["intermediate_size"]) * 2
-    attention = batch * c["num_attention_heads"] * seq * seq * ATTN_BYTES
-    logits = tokens * c["vocab_size"] * LOGIT_BYTES
+    if attention_kind == "flex":
+        attention = batch * c["num_attention_heads"] * seq * FLEX_BYTES_PER_QUERY
+    else:
+        attention = batch * c["num_attention_heads"] * seq * seq * ATTN_BYTES
+    if chunked_loss:
+        logits = LOSS_TILE_BYTES + tokens * h * 6 + (c["vocab_size"] * h * 4 if lm_head_trains else 0)
+    else:
+        logits = tokens * c["vocab_size"] * LOGIT_BYTES
     layers = c["num_hidden_layers"]
     if gradient_checkpointing:
         kept = layers * tokens * h * 2 + layer + attention  # checkpointed inputs + the one layer being recomputed
@@ -149,13 +163,14 @@ def available_gib(gpu_memory_gib: float | None) -> tuple[float, str]:
 
 
 def per_gpu(c: dict, counts: dict, method: str, gpus: int, strategy: str, batch: int, seq: int, dtype_bytes: int,
-            gradient_checkpointing: bool, lora_params: int) -> dict:
+            gradient_checkpointing: bool, lora_params: int, attention: str = "eager", chunked_loss: bool = False) -> dict:
     """GiB per GPU: weights, grads, optimizer, gathered layers, activations, overhead, total."""
     states = state_bytes(counts, method, strategy, dtype_bytes, lora_params)
     sharded = strategy in ("fsdp2", "deepspeed_zero3")
     out = {k: v / (gpus if sharded else 1) / GIB for k, v in states.items()}
     out["gathered_layers"] = 2 * counts["per_layer"] * dtype_bytes / GIB if sharded and gpus > 1 else 0.0
-    out["activations"] = activation_bytes(c, batch, seq, gradient_checkpointing)["total"] / GIB
+    out["activations"] = activation_bytes(c, batch, seq, gradient_checkpointing, attention, chunked_loss,
+                                          lm_head_trains=method == "full")["total"] / GIB
     out["overhead"] = OVERHEAD_GIB
     out["total"] = sum(out.values())
     return {k: round(v, 2) for k, v in out.items()}
@@ -185,9 +200,12 @@ def peak_tflops_for(source: str) -> float:
 def estimate(model: dict | str | Path, method: str = "full", gpus: int = 1, strategy: str = "single", batch: int = 1,
              seq: int = 4096, dtype: str = "bfloat16", *, gpu_memory_gib: float | None = None,
              gradient_checkpointing: bool = True, lora_r: int = 8, lora_target_experts: bool = False,
-             mfu: float = 0.2) -> dict:
-    """Memory per GPU (GiB) against what the card has, a verdict, suggestions, and a step-time estimate."""
+             mfu: float = 0.2, attention: str = "eager", chunked_loss: bool = False) -> dict:
+    """Memory per GPU (GiB) against what the card has, a verdict, suggestions, and a step-time estimate.
+    `attention` ('eager' or 'flex') and `chunked_loss` are the resolved hardware.attention / chunked_loss."""
     _check_args(method, gpus, strategy, batch, seq, dtype)
+    if attention not in ("eager", "flex"):
+        raise ValueError(f"attention must be 'eager' or 'flex', not {attention!r}")
     c = load_config(model)
     counts = parameter_counts(c)
     dtype_bytes = 4 if dtype == "float32" else 2
@@ -196,13 +214,15 @@ def estimate(model: dict | str | Path, method: str = "full", gpus: int = 1, stra
 
     def memory(m: str, n: int, s: str) -> dict:
         lp = lora_parameters(c, lora_r, lora_target_experts) if m == "lora" else 0
-        return per_gpu(c, counts, m, n, s, batch, seq, dtype_bytes, gradient_checkpointing, lp)
+        return per_gpu(c, counts, m, n, s, batch, seq, dtype_bytes, gradient_checkpointing, lp, attention,
+                       chunked_loss and s != "fsdp2")
 
     mem = memory(method, gpus, strategy)
     verdict = _verdict(mem["total"], available)
     result = {
         "parameters": counts["total"], "trainable_parameters": lora_params if method == "lora" else counts["total"],
         "method": method, "gpus": gpus, "strategy": strategy, "batch": batch, "seq": seq, "dtype": dtype,
+        "attention": attention, "chunked_loss": chunked_loss,
         "per_gpu_gib": mem, "available_gib": round(available, 2), "available_source": source, "verdict": verdict,
         "time": step_time(c, counts, method, gpus, batch, seq, mfu, peak_tflops_for(source)),
     }
@@ -281,7 +301,10 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
             raise ValueError(f"model.source: {source!r}: no config.json to size it from; estimates know local "
                              f"checkpoint dirs and {', '.join(KNOWN)}") from None
     dtype = {"bfloat16": "bfloat16", "float32": "float32"}.get(recipe.model.dtype, "bfloat16" if cuda else "float32")
+    attention = hw.attention if hw.attention != "auto" else ("flex" if cuda else "eager")
+    chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
     return estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
                     strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,
                     dtype=dtype, gpu_memory_gib=gpu_memory_gib, gradient_checkpointing=train.gradient_checkpointing,
-                    lora_r=train.lora_r, lora_target_experts=train.lora_target_experts)
+                    lora_r=train.lora_r, lora_target_experts=train.lora_target_experts, attention=attention,
+                    chunked_loss=chunked)

@@ -100,9 +100,14 @@ def trl_args(cfg: TrainConfig, ctx: Context, output_dir: Path, max_length: int):
 def make_trainer(base: type, ctx: Context, cfg: TrainConfig, output_dir: Path, model, tokenizer, rows: tuple,
                  label: str, **extra):
     """`base` (TRL's SFTTrainer or modelopt's QATSFTTrainer) with atomic checkpoints, our arguments, the
-    (train, eval) rows and the metrics callback; `extra` goes to the trainer (peft_config, quant_args)."""
+    (train, eval) rows and the metrics callback; `extra` goes to the trainer (peft_config, quant_args).
+    The model trains with the recipe's `hardware.attention` and `hardware.chunked_loss`."""
+    from engine.training import attention
+
+    hw = ctx.recipe.hardware
+    attention.use(model, hw.attention, ctx.device, log=ctx.log)
     train_rows, eval_rows = rows
-    return atomic_trainer(base)(
+    trainer = atomic_trainer(base)(
         model=model,
         args=trl_args(cfg, ctx, output_dir, ctx.recipe.data.max_length),
         train_dataset=as_dataset(train_rows),
@@ -111,6 +116,28 @@ def make_trainer(base: type, ctx: Context, cfg: TrainConfig, output_dir: Path, m
         callbacks=[StoreMetricsCallback(ctx, label)],
         **extra,
     )
+    trainer.loss_path = loss_path(hw.chunked_loss, hw.strategy)
+    ctx.log(f"loss: {'chunked (TRL fused LM head)' if trainer.loss_path == 'chunked' else 'full logits'}")
+    return trainer
+
+
+def loss_path(chunked_loss: str, strategy: str) -> str:
+    """'chunked' or 'full' for the recipe's `hardware.chunked_loss`.
+
+    'chunked' is TRL's SFTTrainer loss as it is (TRL >= 1.x, `trl.trainer.utils.add_fused_lm_head`): the backbone's
+    last hidden states go through `trl.kernels.ChunkedLogProbFunction`, which projects [4096 tokens x 32,768 vocab]
+    tiles, folds them into an online logsumexp and recomputes each tile in backward, accumulating the lm_head and
+    hidden gradients in fp32; only assistant tokens (labels != -100) are scored, summed and divided by
+    `num_items_in_batch`. That is the custom autograd function this loss needs, so it is not written again here.
+    'full' is `transformers.Trainer.compute_loss`: the model's own forward with labels, [tokens, vocab] logits and
+    transformers' ForCausalLMLoss over the same labels and the same `num_items_in_batch`.
+    'auto' keeps what SFT and QAT ran before this option existed: chunked, but full under fsdp2, where TRL's fused head
+    fails (see AtomicCheckpoints.compute_loss)."""
+    if chunked_loss not in ("auto", "on", "off"):
+        raise ValueError(f"hardware.chunked_loss must be auto, on or off, not {chunked_loss!r}")
+    if chunked_loss == "off" or (chunked_loss == "auto" and strategy == "fsdp2"):
+        return "full"
+    return "chunked"
 
 
 def stage_result(metrics: dict) -> dict:
@@ -196,12 +223,14 @@ def atomic_trainer(base: type) -> type:
             self.accelerator.wait_for_everyone()
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if getattr(self, "is_fsdp_enabled", False) and _has_fused_lm_head(base):
+            fsdp = getattr(self, "is_fsdp_enabled", False)
+            if getattr(self, "loss_path", "chunked") == "full" or (fsdp and _has_fused_lm_head(base)):
                 # TRL's SFTTrainer computes the loss through its fused LM head, which runs the backbone and reads the
                 # lm_head weight outside FSDP2's hooks. Measured on 2 H100s (torch 2.11, accelerate 1.15, TRL 1.16):
                 # "aten.mul.Tensor got mixed torch.Tensor and DTensor" in the final norm. Under FSDP the model's own
                 # loss is used instead: the same cross-entropy over the same labels (assistant tokens only, the rest
                 # -100) and the router aux loss the model adds itself; TRL's token accuracy / entropy logs are lost.
+                # `hardware.chunked_loss: off` takes the same path on purpose (loss_path).
                 from transformers import Trainer
 
                 return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,

@@ -1,0 +1,132 @@
+"""gpt-oss attention for training through PyTorch's flex_attention: sinks, sliding window, GQA, padding.
+
+Eager attention (transformers' `eager_attention_forward`, what the app trained with so far) builds a
+[batch, 64 heads, T, T] score tensor per layer, concatenates the sink column and softmaxes it in bf16: at T = 16k
+that is 32 GiB per tensor (Unsloth reports gpt-oss-20b stopping near 9k tokens of context on an 80 GB card).
+flex_attention, compiled, is a fused kernel with a backward that never materialises the scores and skips the blocks
+the mask rules out (the sliding-window layers cost O(T * 128), not O(T^2)).
+
+The sinks. gpt-oss adds one learned logit per head to each softmax's denominator:
+    out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink)) = flex_out * sigmoid(lse - sink)
+where lse = log sum_j exp(s_j) is the row's logsumexp, which flex returns (in fp32). Autograd carries the gradient
+to q, k, v (through flex_out and the lse: flex's backward takes the lse's gradient) and to the sinks. Measured on an
+H200 (torch 2.11, /work/shared/NOTES.md): output and q/k/v/sink gradients within 2-4e-3 of an fp32 reference at
+64/8 heads, T = 4096. A fully masked row (a left-padded query) has lse = -inf: gate 0, output 0, as eager gives.
+
+Why not transformers' own "flex_attention" (which also renormalises by the sink through the lse): it rounds the
+lse to the model dtype (bf16) before the renormalisation, and it refuses sinks on CPU. Ours keeps the lse and the
+gate in fp32 and reuses transformers' flex *masks*: the name we register is mapped to transformers'
+`flex_attention_mask` in its mask registry, so the BlockMask comes from the same mask functions that build eager's
+mask (`kv_idx <= q_idx` and `kv_idx > q_idx - sliding_window`: 128 keys in the window, the query's own included;
+flex's own sliding-window example attends to 129) and from the same padding mask. GQA: `enable_gqa=True`, K/V are
+never repeated.
+
+Devices. On CUDA, `torch.compile(flex_attention)`. torch's public flex_attention refuses backward on CPU (2.13:
+"FlexAttention does not support backward on CPU", compiled or not); there we call its dense reference (the flex
+higher-order op run eagerly: differentiable, the same op the compiled kernel is lowered from). It materialises the
+scores like eager: it exists so that the CPU tests check our sink math, masks and gradients against eager on the
+whole model. `hardware.attention: auto` runs eager on CPU, so the CPU path is what it was.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+NAME = "gpt_oss_flex"  # the attn_implementation name registered with transformers
+CHOICES = ("auto", "eager", "flex")
+
+
+def resolve(choice: str, device: torch.device | str) -> str:
+    """'eager' or 'flex' for a recipe's `hardware.attention` on `device` ('auto': flex on CUDA, eager elsewhere)."""
+    if choice not in CHOICES:
+        raise ValueError(f"hardware.attention must be one of {CHOICES}, not {choice!r}")
+    if choice == "auto":
+        return "flex" if torch.device(device).type == "cuda" else "eager"
+    return choice
+
+
+def register() -> str:
+    """Register our attention and its mask builder with transformers (idempotent); returns the name to use."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+
+    AttentionInterface.register(NAME, sink_flex_attention)
+    AttentionMaskInterface.register(NAME, flex_attention_mask)
+    return NAME
+
+
+def use(model, choice: str, device: torch.device | str, log=print) -> str:
+    """Switch `model` (a transformers model, or a peft model around one) to the attention `choice` resolves to on
+    `device`; returns 'eager' or 'flex'. Checkpoints are always loaded eager (engine/fp4/model_io.py), so a saved
+    model never carries this choice."""
+    impl = resolve(choice, device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if impl == "flex":
+        register()
+        base.set_attn_implementation(NAME)
+        where = "compiled flex_attention" if torch.device(device).type == "cuda" else "flex's dense reference (CPU)"
+        log(f"attention: {NAME} ({where}; sinks through the LSE, transformers' causal / sliding-window / padding masks)")
+    else:
+        base.set_attn_implementation("eager")
+    return impl
+
+
+def sink_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, s_aux=None, **kwargs):
+    """transformers' attention-interface signature: q [B, Hq, T, D], k / v [B, Hkv, S, D], the BlockMask that
+    transformers built for this layer (causal, or causal + sliding window; padding), s_aux = the sinks [Hq].
+    Returns (output [B, T, Hq, D], None): no attention weights exist to return."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if dropout:
+        raise ValueError(f"{NAME} has no attention dropout (gpt-oss trains with attention_dropout 0.0; got {dropout})")
+    if not isinstance(attention_mask, BlockMask):
+        raise TypeError(f"{NAME} needs the BlockMask transformers builds for attn_implementation={NAME!r}, got "
+                        f"{type(attention_mask).__name__}: pass a 2-D attention_mask (or none), not a prepared mask")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return sink_attention(query, key, value, s_aux, attention_mask, scale), None
+
+
+def sink_attention(query, key, value, sinks, block_mask, scale: float):
+    """softmax([scores, sink]) @ v without the scores: flex's output gated by sigmoid(lse - sink), in fp32.
+    Output [B, T, Hq, D] in the query's dtype (the layout eager returns)."""
+    flex = _flex_compiled if query.is_cuda else _flex_dense
+    out, lse = flex(query, key, value, block_mask, scale)
+    if sinks is not None:
+        gate = torch.sigmoid(lse - sinks.to(lse.dtype).view(1, -1, 1))  # [B, Hq, T]; flex's lse is fp32 for bf16
+        out = out * gate.unsqueeze(-1)  # bf16 x fp32 -> fp32; autograd keeps `out` (saved by flex anyway) and the gate
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+@functools.cache
+def _compiled():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # dynamic=None (the default): the first shape compiles static, a second one recompiles with a dynamic sequence
+    # length, so batches padded to varying lengths (TRL pads to the longest example) do not recompile every step.
+    return torch.compile(flex_attention)
+
+
+def _flex_compiled(query, key, value, block_mask, scale):
+    """(output, natural-log lse in fp32) from the compiled kernel."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest
+    except ImportError:  # torch < 2.9: the LSE was a flag
+        return _compiled()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+    out, aux = _compiled()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True,
+                           return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+def _flex_dense(query, key, value, block_mask, scale):
+    """(output, natural-log lse) from flex's dense reference: the higher-order op run eagerly (differentiable on
+    CPU, where the public API refuses backward). The op returns the lse in base 2 (the public API's
+    `_finalize_outputs` converts it for every backend but FLASH); tests/test_attention.py pins this against the
+    public flex_attention's forward. GQA: the op maps each query head to its K/V head, as the kernel does."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_op
+    from torch.nn.attention.flex_attention import _identity
+
+    out, lse2, _ = flex_op(query, key, value, _identity, block_mask.as_tuple(), scale, {})
+    return out, lse2 * math.log(2.0)

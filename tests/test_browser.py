@@ -108,7 +108,8 @@ TICKS = "sel => [...document.querySelectorAll(sel + ' .xtick text')].map(t => t.
 
 def _layout_checks(page) -> None:
     """What looked broken at 1280 px in headless chromium (issue 17): header words cut in two, the run selector's
-    text under its arrow, half-step ticks on the loss charts; and the smoke run's zero table left unexplained."""
+    text under its arrow, half-step ticks on the loss charts; the Deploy picker stuck on the SFT model the run had
+    when it was selected; and the smoke run's zero table left unexplained."""
     from playwright.sync_api import expect
 
     _tab(page, "Evaluate")
@@ -124,6 +125,9 @@ def _layout_checks(page) -> None:
         page.locator(f"{charts} .xtick text").first.wait_for(timeout=20_000)
         ticks = page.evaluate(TICKS, charts)
         assert ticks and all(t.isdigit() for t in ticks), ticks
+    _tab(page, "Deploy")  # the export written after the run was selected is what the picker offers now
+    expect(page.locator("#deploy-checkpoint input")).to_have_value(re.compile(r"^mxfp4 export · .*exports/mxfp4$"),
+                                                                   timeout=20_000)
     _tab(page, "Recipe")
     page.wait_for_timeout(1500)
     broken = page.evaluate(BROKEN_HEADER_WORDS, "#results-table")

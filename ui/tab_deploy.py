@@ -66,7 +66,10 @@ def build(state: AppState) -> None:
     for component in plan_inputs:
         component.change(preview, plan_inputs, [readiness, command, start], show_progress="hidden")
     backend.change(lambda b: gr.Accordion(visible=b == "trtllm"), backend, trt["_box"])
-    state.run.change(lambda run_id, b: checkpoint_update(state, run_id, b), [state.run, backend], checkpoint)
+    auto_pick = gr.State(None)  # the checkpoint picked for the user (not by them): re-picked when exports arrive
+    state.run.change(lambda run_id, b: _picked(state, run_id, b), [state.run, backend], [checkpoint, auto_pick])
+    state.tabs["deploy"].select(lambda run_id, b, current, auto: reopened(state, run_id, b, current, auto),
+                                [state.run, backend, checkpoint, auto_pick], [checkpoint, auto_pick])
     backend.change(lambda run_id, b, current: checkpoint_update(state, run_id, b, keep=current),
                    [state.run, backend, checkpoint], checkpoint)
     start.click(lambda *a: start_clicked(state, *a), [state.run, allow_network, *plan_inputs],
@@ -140,10 +143,25 @@ def checkpoint_choices(state: AppState, run_id: str | None, backend: str = "tran
 def checkpoint_update(state: AppState, run_id: str | None, backend: str = "transformers", keep: str | None = None):
     """The run's checkpoints, the first one `backend` can serve picked; `keep` (the user's pick, when the backend
     changed) stays picked, relabelled. A run without any keeps what was typed."""
+    return _picked(state, run_id, backend, keep)[0]
+
+
+def _picked(state: AppState, run_id: str | None, backend: str, keep: str | None = None) -> tuple:
+    """(dropdown update, the value it picked for the user or None)."""
     choices = checkpoint_choices(state, run_id, backend or "transformers")
     if keep:
-        return gr.Dropdown(choices=choices, value=keep)
-    return gr.Dropdown(choices=choices, value=choices[0][1]) if choices else gr.Dropdown(choices=[])
+        return gr.Dropdown(choices=choices, value=keep), None
+    if not choices:
+        return gr.Dropdown(choices=[]), None
+    return gr.Dropdown(choices=choices, value=choices[0][1]), choices[0][1]
+
+
+def reopened(state: AppState, run_id: str | None, backend: str, current: str | None, auto: str | None):
+    """The tab opened again: the run may have exported since it was selected (a run finishing while you watch).
+    A checkpoint the user picked or typed stays; one picked for them is replaced by the best one now."""
+    if current and current != auto:
+        return _picked(state, run_id, backend, keep=current)[0], auto
+    return _picked(state, run_id, backend)
 
 
 def _options(backend: str, trt_values: tuple) -> dict | None:

@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine.fp4": {"engine.recipe", "engine.data"},
     "engine.evaluation": {"engine.recipe", "engine.data", "engine.fp4", "storage"},
     "engine.training": {"engine.recipe", "engine.data", "engine.fp4", "engine.runtime", "storage"},
-    "engine.serving": {"engine.data", "engine.runtime", "storage"},
+    "engine.serving": {"engine.data", "engine.fp4", "engine.runtime", "storage"},
     "engine.stages": {"engine.recipe", "engine.runtime", "engine.data", "engine.fp4", "engine.evaluation",
                       "engine.training", "engine.serving", "storage"},
     "cli": {"engine", "storage"},

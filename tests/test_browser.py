@@ -93,6 +93,48 @@ def _screenshots(page) -> list[Path]:
     return saved
 
 
+# Words of table headers drawn on more than one line ("langua|ge pass %"): a word's range has one box per line.
+BROKEN_HEADER_WORDS = """sel => [...document.querySelectorAll(sel + ' th .header.text')].flatMap(span => {
+  const node = [...span.childNodes].find(n => n.nodeType === 3); if (!node) return [];
+  return [...node.data.matchAll(/\\S+/g)].filter(m => { const r = document.createRange();
+    r.setStart(node, m.index); r.setEnd(node, m.index + m[0].length); return r.getClientRects().length > 1; })
+    .map(m => m[0]); })"""
+RUN_BOX = """() => { const input = document.querySelector('#run-select input'), s = getComputedStyle(input);
+  const arrow = document.querySelector('#run-select .icon-wrap').getBoundingClientRect();
+  return {fits: input.scrollWidth <= input.clientWidth,
+          clear: arrow.left >= input.getBoundingClientRect().right - parseFloat(s.paddingRight) - 0.5}; }"""
+TICKS = "sel => [...document.querySelectorAll(sel + ' .xtick text')].map(t => t.textContent)"
+
+
+def _layout_checks(page) -> None:
+    """What looked broken at 1280 px in headless chromium (issue 17): header words cut in two, the run selector's
+    text under its arrow, half-step ticks on the loss charts; the Deploy picker stuck on the SFT model the run had
+    when it was selected; and the smoke run's zero table left unexplained."""
+    from playwright.sync_api import expect
+
+    _tab(page, "Evaluate")
+    expect(page.locator("#eval-results")).to_contain_text("SFT+QAT (MXFP4)", timeout=20_000)
+    page.wait_for_timeout(1500)  # Gradio sets the column widths after the rows render
+    broken = page.evaluate(BROKEN_HEADER_WORDS, "#eval-results")
+    assert broken == [], f"header words cut across lines: {broken}"
+    box = page.evaluate(RUN_BOX)
+    assert box == {"fits": True, "clear": True}, f"the selected run's text is cut or under the arrow: {box}"
+    expect(page.locator("#eval-results-note")).to_contain_text("trained only 8 SFT steps")
+    for tab, charts in (("SFT", "#sft-charts"), ("QAT", "#qat-charts")):
+        _tab(page, tab)
+        page.locator(f"{charts} .xtick text").first.wait_for(timeout=20_000)
+        ticks = page.evaluate(TICKS, charts)
+        assert ticks and all(t.isdigit() for t in ticks), ticks
+    _tab(page, "Deploy")  # the export written after the run was selected is what the picker offers now
+    expect(page.locator("#deploy-checkpoint input")).to_have_value(re.compile(r"^mxfp4 export · .*exports/mxfp4$"),
+                                                                   timeout=20_000)
+    _tab(page, "Recipe")
+    page.wait_for_timeout(1500)
+    broken = page.evaluate(BROKEN_HEADER_WORDS, "#results-table")
+    assert broken == [], f"header words cut across lines: {broken}"
+    expect(page.locator("#results-note")).to_contain_text("pass rates near 0% are expected")
+
+
 def _page_load_seconds(browser, url: str) -> tuple[float, float, float]:
     """(HTML received, first API response's own latency, total) from the browser's Performance API. The time
     chromium spends parsing the JS bundle in between is the browser's, not the server's, and is not counted."""
@@ -160,6 +202,7 @@ def test_whole_recipe_in_the_browser(app):
     expect(page.locator("#run-status")).to_contain_text("succeeded", timeout=300_000)
     shots = _screenshots(page)
     assert all(p.stat().st_size > 10_000 for p in shots)
+    _layout_checks(page)
     print(f"browser test: {time.time() - started:.0f} s")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -42,12 +43,13 @@ def tiny_base() -> Path:
 
 
 TRAINED_ROWS = 8  # demo conversations (language task) the reduced run is fine-tuned on
+FORMATS = ("mxfp4", "nvfp4")
 
 
 @pytest.fixture(scope="module")
 def demo_run(tiny_base, tmp_path_factory) -> dict:
-    """prepare -> SFT -> PTQ -> QAT -> export (MXFP4), each stage as the engine's child runs it. Returns the QAT
-    model as trained (fp32, fake-quantized), the export dir and the conversations it was trained on."""
+    """prepare -> SFT -> PTQ -> QAT -> export for MXFP4 and NVFP4, each stage as the engine's child runs it. Returns
+    the QAT models as trained (fp32, fake-quantized), the export dirs and the conversations it was trained on."""
     from test_real_checkpoint import stage_context
 
     from engine.recipe.files import load_recipe
@@ -61,19 +63,22 @@ def demo_run(tiny_base, tmp_path_factory) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(REPO_ROOT / "assets" / "recipes" / "smoke.yaml", {
         "model.source": str(tiny_base), "data.source": str(data), "data.eval_source": str(data),
-        "ptq.formats": ["mxfp4"], "hardware.device": "cpu", "sft.learning_rate": 3e-3, "sft.max_steps": 80,
+        "ptq.formats": list(FORMATS), "hardware.device": "cpu", "sft.learning_rate": 3e-3, "sft.max_steps": 80,
         "sft.per_device_train_batch_size": 4, "sft.eval_steps": 80, "sft.save_steps": 80, "qat.max_steps": 8,
         "qat.per_device_train_batch_size": 4, "qat.eval_steps": 8, "qat.save_steps": 8})
     store = Store(root / "studio.db")
     ctx = stage_context(store, root / "run", recipe, "prepare")
     prepare.run(ctx)
-    for stage, module in (("sft", sft), ("ptq", ptq), ("qat", qat)):
-        module.run(stage_context(store, root / "run", recipe, stage, "bf16" if stage == "sft" else "mxfp4",
-                                 run_id=ctx.run_id))
-    ctx = stage_context(store, root / "run", recipe, "export", "mxfp4", run_id=ctx.run_id, target="qat:mxfp4")
-    export.run(ctx)
-    model, _ = common.open_model(ctx, "qat:mxfp4")
-    return {"model": model.eval(), "export": export_dir(ctx.run_dir, "mxfp4"), "rows": rows}
+    sft.run(stage_context(store, root / "run", recipe, "sft", run_id=ctx.run_id))
+    models, exports = {}, {}
+    for fmt in FORMATS:
+        for stage, module in (("ptq", ptq), ("qat", qat)):
+            module.run(stage_context(store, root / "run", recipe, stage, fmt, run_id=ctx.run_id))
+        fmt_ctx = stage_context(store, root / "run", recipe, "export", fmt, run_id=ctx.run_id, target=f"qat:{fmt}")
+        export.run(fmt_ctx)
+        models[fmt] = common.open_model(fmt_ctx, f"qat:{fmt}")[0].eval()
+        exports[fmt] = export_dir(fmt_ctx.run_dir, fmt)
+    return {"model": models["mxfp4"], "export": exports["mxfp4"], "models": models, "exports": exports, "rows": rows}
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +105,14 @@ def server(store, mx_export):
 
 
 @pytest.fixture(scope="module")
+def nv_server(store, demo_run):
+    """The NVFP4 export served by transformers (through its dequantized copy), beside the MXFP4 one."""
+    row = server_process.start_server(store, demo_run["exports"]["nvfp4"], "transformers", timeout=180)
+    yield row
+    server_process.stop_server(store, row["id"])
+
+
+@pytest.fixture(scope="module")
 def in_process(mx_export):
     """The export loaded the way the docs say to on CPU: MXFP4 experts dequantized, the export's bf16."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, Mxfp4Config
@@ -107,6 +120,24 @@ def in_process(mx_export):
     model = AutoModelForCausalLM.from_pretrained(str(mx_export), quantization_config=Mxfp4Config(dequantize=True),
                                                  dtype=torch.bfloat16)
     return model.eval(), AutoTokenizer.from_pretrained(str(mx_export))
+
+
+@pytest.fixture(scope="module")
+def nv_in_process(demo_run):
+    """The NVFP4 export decoded by the exporter's own reader (modelopt's NVFP4QTensor), in float32."""
+    from transformers import AutoTokenizer
+
+    from engine.fp4.export_nvfp4 import load_dequantized
+
+    export = demo_run["exports"]["nvfp4"]
+    return load_dequantized(export, torch.float32), AutoTokenizer.from_pretrained(str(export))
+
+
+def served(request, fmt: str) -> tuple[dict, tuple, torch.nn.Module]:
+    """(server row, in-process (model, tokenizer), QAT fake-quant model) of one format."""
+    names = {"mxfp4": ("server", "in_process"), "nvfp4": ("nv_server", "nv_in_process")}[fmt]
+    return (request.getfixturevalue(names[0]), request.getfixturevalue(names[1]),
+            request.getfixturevalue("demo_run")["models"][fmt])
 
 
 # ------------------------------------------------------------------------------------------------ plans, no server
@@ -117,6 +148,7 @@ def test_commands_and_options_for_every_backend(mx_export) -> None:
     assert plan.command.startswith(f"transformers serve {mx_export} --device cpu --dtype auto")
     assert "--host 127.0.0.1 --port 8123" in plan.command and not plan.errors
     assert plan.info.format == "mxfp4" and plan.info.harmony and not plan.info.response_template
+    assert plan.info.embedded_demo  # trained from the embedded tiny model: the Chat tab says it knows single questions
     trt = server_process.plan_server(mx_export, "trtllm", port=8124, options={"tp_size": 2, "max_batch_size": 16,
                                                                        "kv_cache_free_gpu_memory_fraction": 0.5})
     for flag in ("--tp_size 2", "--pp_size 1", "--max_batch_size 16", "--max_num_tokens 2048",
@@ -149,7 +181,7 @@ def _fake_checkpoint(tmp_path: Path, qcfg: dict | None) -> Path:
 ])
 def test_format_detection_and_what_it_needs(tmp_path, qcfg, fmt) -> None:
     info = inspect_checkpoint(_fake_checkpoint(tmp_path, qcfg))
-    assert info.format == fmt
+    assert info.format == fmt and not info.embedded_demo
     hopper, blackwell = ({"name": "H100", "capability": (9, 0), "memory_gb": 80},), \
         ({"name": "B200", "capability": (10, 0), "memory_gb": 180},)
     on_hopper = check_compatibility(BACKENDS["vllm"], info, gpus=hopper)
@@ -160,10 +192,12 @@ def test_format_detection_and_what_it_needs(tmp_path, qcfg, fmt) -> None:
         assert any("Blackwell-class GPUs (sm_100+)" in e for e in errors(on_hopper)) and not errors(on_blackwell)
     else:
         assert not errors(on_hopper)
-    if fmt.startswith("nvfp4"):
-        assert any("cannot load pre-quantized NVFP4" in e for e in errors(by_transformers))
-    else:
+    if fmt == "nvfp4_w4a4":  # activations quantized too: no plain copy computes the same
+        assert any("no plain copy computes what it computes" in e for e in errors(by_transformers))
+    else:  # NVFP4 weight-only through its dequantized copy
         assert not errors(by_transformers)
+    if fmt == "nvfp4":
+        assert any("dequantized copy" in f.text for f in by_transformers if f.level == "info")
     no_gpu = check_compatibility(BACKENDS["trtllm"], info, gpus=())
     assert any("needs an NVIDIA GPU" in e for e in errors(no_gpu))
     assert all(isinstance(f, Finding) for f in on_hopper)
@@ -198,11 +232,13 @@ def test_chat_streams_analysis_then_final(server) -> None:
     assert stats.decode_tokens_per_s > 0 and stats.finish_reason in ("stop", "length")
 
 
-def test_served_model_gives_the_trained_answers(server, demo_run) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_served_model_gives_the_trained_answers(request, fmt, demo_run) -> None:
     """Each conversation the reduced run was trained on, asked through the app's chat code: the served export must
     pass them by the evaluation's own rule (final answer, reasoning in the requested language)."""
     from engine.evaluation.scoring import judge, requested_language
 
+    server, _, _ = served(request, fmt)
     client = ChatClient(server["base_url"], backend="transformers")
     verdicts = []
     for row in demo_run["rows"]:
@@ -211,51 +247,76 @@ def test_served_model_gives_the_trained_answers(server, demo_run) -> None:
         assert reply.error is None, reply.error
         verdicts.append((judge(row, {"analysis": reply.analysis, "final": reply.final}), reply.final, row["reference"]))
     passed = sum(v["passed"] for v, _, _ in verdicts)
-    print(f"served export passes {passed}/{len(verdicts)} trained conversations: {verdicts}")
-    # Measured: 7 of 8 (one Spanish subtraction answered with another row's number); the same 40-step base scores 0%
-    # in the smoke run's evaluate:original. Allowing two misses keeps the check robust to CPU float differences.
+    print(f"served {fmt} export passes {passed}/{len(verdicts)} trained conversations: {verdicts}")
+    # Measured (MXFP4): 7 of 8 (one Spanish subtraction answered with another row's number); the same 40-step base
+    # scores 0% in the smoke run's evaluate:original. Allowing two misses keeps the check robust to CPU float
+    # differences.
     assert passed >= len(verdicts) - 2, verdicts
 
 
-def test_served_greedy_reply_equals_in_process(server, in_process) -> None:
+def test_nvfp4_is_served_from_its_dequantized_copy(nv_server, demo_run) -> None:
+    """transformers cannot load the NVFP4 export: the server loads the copy written next to it, whose experts are
+    the export decoded by modelopt's reference (the exporter's reader), to the bit."""
+    from engine.fp4.export_mxfp4 import load_export
+    from engine.fp4.export_nvfp4 import dequantized_state
+
+    export = demo_run["exports"]["nvfp4"]
+    copy_dir = export.with_name("nvfp4-dequantized")
+    plan = server_process.plan_server(export, "transformers", port=8125)
+    assert plan.served_path == str(copy_dir) and not plan.errors
+    assert plan.command.startswith(f"python -m engine.fp4.dequantize_nvfp4 {export} && transformers serve {copy_dir} ")
+    assert nv_server["status"] == "running" and nv_server["model_path"] == str(export)
+    view = Path(shlex.split(nv_server["command"])[2])  # transformers serve VIEW ...: the harmony view of the copy
+    assert (view / "model.safetensors").resolve() == copy_dir / "model.safetensors"
+    assert "Traceback" not in server_process.log_tail(nv_server, 200)
+    reference = dequantized_state(export)
+    copy = load_export(copy_dir, torch.float32).state_dict()
+    for name, weight in reference.items():
+        assert torch.equal(copy[name], weight.float()), name
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_served_greedy_reply_equals_in_process(request, fmt) -> None:
     """Token for token: the server's greedy reply is what the exported model generates in-process."""
-    model, tokenizer = in_process
+    server, (model, tokenizer), _ = served(request, fmt)
     client = ChatClient(server["base_url"], backend="transformers")
-    served = client.chat(QUESTION, reasoning_language="German", max_tokens=48, temperature=0.0)
+    served_reply = client.chat(QUESTION, reasoning_language="German", max_tokens=48, temperature=0.0)
     messages = client.build_messages(QUESTION, reasoning_language="German")
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=48, do_sample=False)
     new = out[0, ids["input_ids"].shape[1]:]
     local = harmony.parse_completion(tokenizer.decode(new, skip_special_tokens=False))
-    assert (served.analysis.strip(), served.final.strip()) == (local["analysis"], local["final"])
-    assert served.analysis and served.final
-    assert served.stats.tokens == len(new)
+    assert (served_reply.analysis.strip(), served_reply.final.strip()) == (local["analysis"], local["final"])
+    assert served_reply.analysis and served_reply.final
+    assert served_reply.stats.tokens == len(new)
 
 
-def test_served_logits_match_in_process(server, in_process, quantized) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_served_logits_match_in_process(request, fmt) -> None:
     """transformers serve has no logprobs; /v1/systemone returns a softmax over the next-token logits of 26 option
     labels (A..Z) after a prompt. Those probabilities carry 25 logit differences per prompt: they must equal the
-    in-process dequantized model's exactly (same bf16 weights, same kernels), and the fp32 fake-quant model's
-    (the QAT/PTQ model before export) within bf16 rounding."""
+    in-process dequantized model's (same weights; MXFP4: bf16, NVFP4: float32), and the fp32 fake-quant model's
+    (the QAT model before export) within the rounding of the export's bf16 non-expert weights (and MXFP4's bf16
+    compute)."""
     from transformers.decision import DecisionConfig, label_token_ids
 
-    model, tokenizer = in_process
+    server, (model, tokenizer), quantized = served(request, fmt)
     api = ChatClient(server["base_url"])
     criteria = {f"option {i}": None for i in range(26)}
     for state in ("What is 3 plus 4?", "Is the sky green?", "Count the letters in 'garden'."):
         question = {"type": "choice", "instructions": "Which?", "criteria": criteria}
-        request = {"state": state, "questions": {"q": question}}
-        answer = api._client.post("/systemone", cast_to=object, body={"model": api.model, **request})
-        served = torch.tensor(list(answer["answers"]["q"]["probabilities"].values()), dtype=torch.float64)
-        (inputs, questions), = DecisionConfig().prepare_inputs(request, tokenizer)
+        request_body = {"state": state, "questions": {"q": question}}
+        answer = api._client.post("/systemone", cast_to=object, body={"model": api.model, **request_body})
+        served_p = torch.tensor(list(answer["answers"]["q"]["probabilities"].values()), dtype=torch.float64)
+        (inputs, questions), = DecisionConfig().prepare_inputs(request_body, tokenizer)
         labels = label_token_ids(tokenizer, tuple(questions[0].labels))
         with torch.no_grad():
-            bf16 = model(input_ids=inputs["input_ids"]).logits[0, -1, labels].float().softmax(-1).double()
+            local = model(input_ids=inputs["input_ids"]).logits[0, -1, labels].float().softmax(-1).double()
             fp32 = quantized(input_ids=inputs["input_ids"]).logits[0, -1, labels].softmax(-1).double()
-        assert torch.allclose(served, bf16, rtol=0, atol=1e-6), (served - bf16).abs().max()
+        assert torch.allclose(served_p, local, rtol=0, atol=1e-6), (served_p - local).abs().max()
         # bf16 activations and non-expert weights vs fp32: log-prob differences of a few bf16 ulps (2^-8 = 0.4%)
-        assert (served.log() - fp32.log()).abs().max() < 0.05, (served.log() - fp32.log()).abs().max()
+        assert (served_p.log() - fp32.log()).abs().max() < 0.05, (served_p.log() - fp32.log()).abs().max()
 
 
 def test_api_key_never_lands_in_the_database(server, store) -> None:

@@ -41,14 +41,17 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    messages = []
-    path = embedded_model.ensure_tiny_base(tmp_path_factory.mktemp("cache"), steps=STEPS, log=messages.append, seed=0)
-    return path, messages
+    messages, steps = [], []
+    path = embedded_model.ensure_tiny_base(tmp_path_factory.mktemp("cache"), steps=STEPS, log=messages.append, seed=0,
+                                           on_step=lambda step, total: steps.append((step, total)))
+    return path, messages, steps
 
 
 def test_base_is_loadable_offline_with_tokenizer_and_template(base_dir):
-    path, messages = base_dir
+    path, messages, steps = base_dir
     assert f"pretrain step {STEPS}/{STEPS} loss" in " ".join(messages)
+    # progress for the prepare job (the SFT tab shows it while SFT waits): each logged step, up to the last
+    assert steps[-1] == (STEPS, STEPS) and len(steps) >= 2 and steps == sorted(set(steps))
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert isinstance(model, GptOssForCausalLM)
@@ -61,7 +64,7 @@ def test_base_is_loadable_offline_with_tokenizer_and_template(base_dir):
 
 
 def test_second_call_returns_the_cache_without_training(base_dir):
-    path, _ = base_dir
+    path, *_ = base_dir
     messages = []
     started = time.perf_counter()
     again = embedded_model.ensure_tiny_base(path.parent, steps=STEPS, log=messages.append, seed=0)
@@ -71,7 +74,7 @@ def test_second_call_returns_the_cache_without_training(base_dir):
 
 
 def test_pretraining_is_deterministic(base_dir, tmp_path):
-    path, _ = base_dir
+    path, *_ = base_dir
     again = embedded_model.ensure_tiny_base(tmp_path, steps=STEPS, log=lambda _: None, seed=0)
     first = AutoModelForCausalLM.from_pretrained(path).state_dict()
     second = AutoModelForCausalLM.from_pretrained(again).state_dict()

@@ -30,23 +30,54 @@ def browser_data(state: AppState, recipe: dict, **hardware_values) -> dict:
     return data
 
 
-def test_gpu_picker_offers_indices_and_reads_back_as_the_config_wants(workdir):
+def test_without_a_gpu_the_panel_says_so_once_and_takes_indices_as_text(workdir, monkeypatch):
+    """No eight 'cuda:N (not on this machine)' boxes and no NVML class names: one sentence, one text field."""
+    from engine.runtime import telemetry
+
+    monkeypatch.setattr(telemetry, "_nvml_state", {"ready": None, "note": None})
+    monkeypatch.setitem(__import__("sys").modules, "pynvml", None)  # as on a machine without nvidia-ml-py
+    state = AppState(workdir)
+    with gr.Blocks() as blocks:
+        state.base = gr.State(DEMO)
+        hardware.build(state, DEMO)
+    texts = [b.value for b in blocks.blocks.values() if isinstance(b, gr.Markdown) and "hardware" in str(b.value)]
+    assert texts == ["**hardware** · No NVIDIA GPU on this machine (nvidia-ml-py is not installed): training runs "
+                     "on CPU."]
+    picker = state.forms["hardware"].components["gpus"]
+    assert isinstance(picker, gr.Textbox) and "this machine has none" in picker.info
+    assert state.draft_recipe(browser_data(state, DEMO, gpus="")).hardware.gpus is None
+    recipe = state.draft_recipe(browser_data(state, DEMO, gpus="0,1", strategy="ddp", num_processes=2))
+    assert recipe.hardware.gpus == [0, 1]
+    assert state.forms["hardware"].updates({"gpus": [2, 3]})[list(state.forms["hardware"].components).index("gpus")] \
+        == "2,3"
+
+
+def test_no_gpu_reasons_are_plain_words():
+    class NVMLError_LibraryNotFound(Exception):  # the class name pynvml raises when libnvidia-ml.so is missing
+        pass
+
+    assert telemetry_note(NVMLError_LibraryNotFound()) == "No NVIDIA GPU on this machine (no NVIDIA driver installed)"
+    assert "LibraryNotFound" not in telemetry_note(NVMLError_LibraryNotFound())
+
+
+def telemetry_note(exc):
+    from engine.runtime import telemetry
+
+    return telemetry.no_gpu_note(exc)
+
+
+def test_gpu_picker_names_the_gpus_nvml_sees_and_reads_back_as_the_config_wants(workdir, fake_gpu):
     state = panel(workdir, DEMO)
     picker = state.forms["hardware"].components["gpus"]
     assert isinstance(picker, gr.CheckboxGroup) and [c[1] for c in picker.choices] == list(range(8))
-    assert all("cuda:" in label for label, _ in picker.choices)
+    assert picker.choices[0] == ("cuda:0 · NVIDIA H100 80GB HBM3 · 80 GiB", 0)
+    assert picker.choices[1] == ("cuda:1 (not on this machine)", 1)
     assert state.draft_recipe(browser_data(state, DEMO, gpus=[])).hardware.gpus is None  # nothing ticked
     recipe = state.draft_recipe(browser_data(state, DEMO, gpus=[0, 1], strategy="ddp", num_processes=2))
     assert recipe.hardware.gpus == [0, 1] and recipe.hardware.strategy == "ddp"
     # a recipe pick fills the picker with a list, not the '0,1' text other list fields get
     assert state.forms["hardware"].updates({"gpus": [2, 3]})[list(state.forms["hardware"].components).index("gpus")] \
         == [2, 3]
-
-
-def test_gpu_picker_names_the_gpus_nvml_sees(workdir, fake_gpu):
-    picker = panel(workdir, DEMO).forms["hardware"].components["gpus"]
-    assert picker.choices[0] == ("cuda:0 · NVIDIA H100 80GB HBM3 · 80 GiB", 0)
-    assert picker.choices[1] == ("cuda:1 (not on this machine)", 1)
 
 
 def test_fit_estimate_for_the_demo_and_for_gpt_oss_20b(workdir):

@@ -256,3 +256,58 @@ def test_story_lines_say_what_ptq_lost_and_qat_recovered():
     assert mx.startswith("MXFP4: PTQ lost 10.0 ± 2.2 points") and "QAT recovered 90% of it" in mx
     assert nv.startswith("NVFP4: PTQ lost no measurable pass rate (+0.5 ± 1.4 points vs SFT)")
     assert "recovered" not in nv
+
+
+def test_sft_tab_shows_what_runs_while_sft_waits(run, workdir):
+    """The first run pre-trains the tiny model in `prepare` for ~2 min: the SFT tab shows that job's progress and
+    log, not just 'queued'."""
+    from ui.state import AppState
+    from ui.training_view import refresh
+
+    store, run_id = run
+    prepare = jobs_by_key(store, run_id)["prepare"]
+    log = workdir / "prepare.log"
+    log.write_text("pretrain step 60/600 loss 3.210\n")
+    store.update_job(prepare["id"], status="running", started_at=time.time(), progress=0.05, log_path=str(log),
+                     message="preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
+    status, _, _, log_html, _ = refresh(AppState(workdir), "sft", run_id, {})
+    assert "queued" in status and "waiting for" in status
+    assert "prepare</b> 5% — preparing the embedded tiny gpt-oss" in status
+    assert "pretrain step 60/600" in log_html
+    store.update_job(prepare["id"], progress=0.3)
+    assert "prepare</b> 30%" in refresh(AppState(workdir), "sft", run_id, {})[0]
+    store.finish_job(prepare["id"], "succeeded")
+    store.update_job(jobs_by_key(store, run_id)["sft"]["id"], status="running", started_at=time.time())
+    assert "waiting for" not in refresh(AppState(workdir), "sft", run_id, {})[0]
+
+
+def test_a_smoke_runs_zero_table_is_explained(workdir):
+    """Recipe and Evaluate tabs say why the smoke recipe's pass rates are ~0: it trains a handful of steps."""
+    from engine.recipe.files import load_recipe
+    from ui import tab_evaluate, tab_recipe
+    from ui.state import RECIPES_DIR, AppState
+
+    store = Store(db_path(workdir))
+    state = AppState(workdir)
+    smoke = enqueue(store, load_recipe(RECIPES_DIR / "smoke.yaml"), workdir, cuda_available=False)
+    store.put_eval(smoke, jobs_by_key(store, smoke)["evaluate:original"]["id"], "original", "bf16",
+                   {"pass_rate": 0.0, "eval_loss": 4.3})
+    shown = [str(v) for v in tab_recipe.refresh(state, smoke, {})]
+    note = next(v for v in shown if "trained only" in v)
+    assert "Recipe &#x27;smoke&#x27; trained only 8 SFT steps and 4 QAT steps, from a tiny base pre-trained for " \
+           "40 steps" in note and "pass rates near 0% are expected" in note
+    assert any("trained only 8 SFT steps" in str(v) for v in tab_evaluate.refresh(state, smoke, {}))
+    demo = enqueue(store, load_recipe(RECIPES_DIR / "demo.yaml"), workdir, cuda_available=False)
+    assert not any("trained only" in str(v) for v in tab_recipe.refresh(state, demo, {}))
+
+
+def test_loss_charts_tick_whole_steps():
+    """A 4-step QAT made plotly tick 0.5, 1, 1.5, ...: every step axis ticks whole numbers."""
+    from ui import charts
+
+    fig = charts.training_figure({"qat:mxfp4": {"loss": [[1, 2, 3, 4], [3.0, 2.9, 2.8, 2.7]],
+                                                "eval_loss": [[2, 4], [3.1, 3.0]]}})
+    axes = [getattr(fig.layout, name) for name in fig.layout if name.startswith("xaxis")]
+    assert len(axes) == 5 and all(a.dtick == 1 and a.tickformat == "d" for a in axes)
+    assert charts.step_ticks(list(range(0, 301, 5))) == {"tickformat": "d"}
+    assert charts.step_ticks([0, 30])["dtick"] == 5

@@ -51,7 +51,18 @@ def training_figure(series: dict[str, dict[str, list]], reference: dict[str, flo
                       annotation_text=label, annotation_position="top left", annotation_font_size=10)
     fig.update_layout(**base_layout(height=height, hovermode="closest"))
     fig.update_xaxes(title_text="step", title_font_size=10, row=2)
+    fig.update_xaxes(**step_ticks([s for m in series.values() for steps, _ in m.values() for s in steps]))
     return fig
+
+
+def step_ticks(steps: list[int]) -> dict:
+    """x-axis ticks for optimizer steps: whole numbers only. Plotly's automatic ticks go to 0.5 when an axis spans
+    fewer steps than it has room for ticks (a smoke run's 4 QAT steps showed 0.5, 1, 1.5, ...)."""
+    span = max(steps) - min(steps) if steps else 0
+    if span > 40:  # ~10 ticks at most: plotly's automatic spacing is then >= 5
+        return {"tickformat": "d"}
+    dtick = next(d for d in (1, 2, 5, 10) if span / d <= 8)
+    return {"tick0": 0, "dtick": dtick, "tickformat": "d"}
 
 
 def pass_rate_bars(rows: list[dict], tasks: list[str], height: int = 350) -> go.Figure:

@@ -22,7 +22,7 @@ MAX_LISTED_GPUS = 8  # indices offered even when NVML does not see them (the rec
 
 def build(state: AppState, recipe: dict) -> None:
     found, note = telemetry.gpus()
-    gr.Markdown("**hardware**" + ("" if found else f" · no NVIDIA GPU visible here ({note}): training runs on CPU"))
+    gr.Markdown("**hardware**" + ("" if found else f" · {note}: training runs on CPU."), elem_id="hardware-note")
     state.add_form(build_form("hardware", HardwareConfig, recipe.get("hardware"),
                               custom={"gpus": lambda name, info, value: gpu_picker(found, name, info, value)}))
     with gr.Row():
@@ -40,7 +40,13 @@ def build(state: AppState, recipe: dict) -> None:
     state.after_build(wire)
 
 
-def gpu_picker(found: list[dict], name: str, info: str, value) -> gr.CheckboxGroup:
+def gpu_picker(found: list[dict], name: str, info: str, value) -> gr.CheckboxGroup | gr.Textbox:
+    """Tick boxes named after the GPUs NVML sees (plus indices up to 8, for a recipe meant for a bigger machine);
+    with no GPU here, a text field for indices instead of a row of boxes for GPUs that do not exist."""
+    if not found:
+        return gr.Textbox(",".join(str(v) for v in value or []), label=name, placeholder="none (CPU here)",
+                          info=f"{info} · this machine has none: leave empty; for a recipe meant for a GPU machine, "
+                               "list indices, e.g. 0,1", elem_id="gpu-picker")
     names = {g["index"]: g for g in found}
     choices = []
     for index in range(max(MAX_LISTED_GPUS, len(found))):

@@ -21,7 +21,7 @@ def build(state: AppState) -> None:
         meters = gr.HTML(telemetry_html(state), elem_id="telemetry", scale=4, min_width=560)
         # allow_custom_value: a run deleted elsewhere must not make the selector raise before the choices refresh.
         state.run = gr.Dropdown(choices=[], value=None, label="Selected run", elem_id="run-select", scale=2,
-                                min_width=320, allow_custom_value=True)
+                                min_width=400, allow_custom_value=True)
     timer = gr.Timer(1.0)
     timer.tick(lambda: telemetry_html(state), outputs=meters, show_progress="hidden", queue=False)
 

@@ -9,6 +9,7 @@ import re
 import time
 from pathlib import Path
 
+from engine.recipe.configs import EMBEDDED_MODEL
 from engine.runtime import workspace
 from engine.runtime.pipeline import job_key
 
@@ -129,6 +130,27 @@ def _message(jobs: list[dict]) -> str:
         if job["status"] in ("running", "cancelling") and job.get("message"):
             return job["message"][:80]
     return {"queued": "waiting", "skipped": "skipped"}.get(group_status([j["status"] for j in jobs]), "")
+
+
+SHORT_TRAINING_STEPS = 50  # fewer SFT steps than this teach the tiny model nothing measurable (smoke: 8)
+
+
+def short_training_note(run: dict | None) -> str:
+    """Why a run's table is all zeros when it trained only a handful of steps (the smoke recipe); '' otherwise."""
+    recipe = (run or {}).get("recipe") or {}
+    sft, qat, model = recipe.get("sft") or {}, recipe.get("qat") or {}, recipe.get("model") or {}
+    steps = sft.get("max_steps")
+    if not sft.get("enabled", True) or not isinstance(steps, int) or not 0 < steps < SHORT_TRAINING_STEPS:
+        return ""
+    trained = f"{steps} SFT steps"
+    if qat.get("enabled", True) and (recipe.get("ptq") or {}).get("formats") and isinstance(qat.get("max_steps"), int) \
+            and qat["max_steps"] > 0:
+        trained += f" and {qat['max_steps']} QAT steps"
+    if model.get("source") == EMBEDDED_MODEL and model.get("tiny_pretrain_steps"):
+        trained += f", from a tiny base pre-trained for {model['tiny_pretrain_steps']} steps"
+    return (f"Recipe '{recipe.get('name', '?')}' trained only {trained}: enough to check that every stage runs, far "
+            "too few to learn the tasks, so pass rates near 0% are expected. The demo recipe (300 SFT steps) is "
+            "the one whose results mean something.")
 
 
 def problem_jobs(store, run_id: str) -> list[dict]:

@@ -14,8 +14,9 @@ import gradio as gr
 
 from engine.serving import server_process
 from engine.serving.chat import DEFAULT_SYSTEM, EFFORTS, ChatClient, ChatEvent, stream_compare
+from engine.serving.formats import is_embedded_demo
 from engine.data.demo_tasks import LANGUAGES
-from ui import tab_deploy
+from ui import tab_deploy, views
 from ui.state import AppState
 
 YIELD_EVERY_S = 0.05  # at most ~20 UI updates a second, however fast the server streams
@@ -34,6 +35,7 @@ def build(state: AppState) -> None:
         compare = gr.Checkbox(False, label="Compare two endpoints", scale=1, elem_id="chat-compare",
                               info="both stream at once: on one machine their timings compete")
         reload = gr.Button("↻ Endpoints", scale=0, min_width=110, elem_id="chat-reload")
+    note = gr.HTML(elem_id="chat-note")
     with gr.Accordion("Developer message and sampling", open=False):
         with gr.Row():
             language = gr.Dropdown(list(LANGUAGES), value="English", allow_custom_value=True,
@@ -55,7 +57,7 @@ def build(state: AppState) -> None:
                              elem_id="chat-input", submit_btn=False)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         stop = gr.Button("Stop", variant="stop", scale=0, min_width=80)
-        clear = gr.Button("Clear", scale=0, min_width=80)
+        clear = gr.Button("New chat", scale=0, min_width=120, elem_id="chat-new")
     gr.Examples(EXAMPLES, message, label="Examples")
 
     def refresh_choices(externals_now, a, b):
@@ -72,6 +74,8 @@ def build(state: AppState) -> None:
     state.tab_timer("chat", every=4.0).tick(refresh_choices, [externals, endpoint_a, endpoint_b],
                                             [endpoint_a, endpoint_b], show_progress="hidden")
     compare.change(lambda on: (gr.Dropdown(visible=on), gr.Chatbot(visible=on)), compare, [endpoint_b, chat_b])
+    gr.on([endpoint_a.change, endpoint_b.change, compare.change], lambda a, b, on: demo_note(state, a, b, on),
+          [endpoint_a, endpoint_b, compare], note, show_progress="hidden")
     def run(*args):
         yield from respond(state, *args)
 
@@ -90,6 +94,27 @@ def endpoint_choices(state: AppState, externals: list) -> list[tuple[str, str]]:
                for r in rows]
     choices += [(e.describe(), f"external:{i}") for i, e in enumerate(externals or [])]
     return choices
+
+
+def demo_note(state: AppState, choice_a: str | None, choice_b: str | None, compare: bool) -> str:
+    """Say it where it matters: the embedded demo model was trained on single questions, so a follow-up in the same
+    conversation (its history in the prompt) gets a wrong answer."""
+    choices = [choice_a, choice_b] if compare else [choice_a]
+    if not any(_serves_embedded_demo(state, c) for c in choices):
+        return ""
+    return views.message("This is the embedded demo model: it was trained on single questions only (sums, "
+                         "differences and letter counts up to 9, benign prompts with alarming words), so it answers "
+                         "a follow-up in the same chat wrongly. Click New chat before each new question.", "info")
+
+
+def _serves_embedded_demo(state: AppState, choice: str | None) -> bool:
+    kind, _, key = (choice or "").partition(":")
+    if kind != "server":
+        return False
+    try:
+        return is_embedded_demo(server_process.get_server(state.store(), int(key))["model_path"])
+    except (server_process.ServingError, ValueError):
+        return False
 
 
 def _short(path: str, keep: int = 3) -> str:

@@ -49,7 +49,7 @@ def build(state: AppState) -> None:
     command = gr.Code(language="shell", label="Command (copy it to run elsewhere; port 0 shows 8000)", lines=2,
                       interactive=False, elem_id="deploy-command")
     with gr.Row():
-        start = gr.Button("▶ Start server", variant="primary", elem_id="deploy-start")
+        start = gr.Button("▶ Start server", variant="primary", elem_id="deploy-start", interactive=False)
         stop = gr.Button("■ Stop selected", variant="stop", elem_id="deploy-stop")
         check = gr.Button("Check health")
         stop_all = gr.Button("Stop all servers", elem_id="deploy-stop-all")
@@ -64,9 +64,14 @@ def build(state: AppState) -> None:
 
     plan_inputs = [checkpoint, backend, host, port, *(trt[name] for name in TRT_FIELDS)]
     for component in plan_inputs:
-        component.change(preview, plan_inputs, [readiness, command], show_progress="hidden")
+        component.change(preview, plan_inputs, [readiness, command, start], show_progress="hidden")
     backend.change(lambda b: gr.Accordion(visible=b == "trtllm"), backend, trt["_box"])
-    state.run.change(lambda run_id: checkpoint_update(state, run_id), state.run, checkpoint)
+    auto_pick = gr.State(None)  # the checkpoint picked for the user (not by them): re-picked when exports arrive
+    state.run.change(lambda run_id, b: _picked(state, run_id, b), [state.run, backend], [checkpoint, auto_pick])
+    state.tabs["deploy"].select(lambda run_id, b, current, auto: reopened(state, run_id, b, current, auto),
+                                [state.run, backend, checkpoint, auto_pick], [checkpoint, auto_pick])
+    backend.change(lambda run_id, b, current: checkpoint_update(state, run_id, b, keep=current),
+                   [state.run, backend, checkpoint], checkpoint)
     start.click(lambda *a: start_clicked(state, *a), [state.run, allow_network, *plan_inputs],
                 [notice, servers, selected, log])
     stop.click(lambda sid: stop_clicked(state, sid), selected, [notice, servers, selected, log])
@@ -111,27 +116,52 @@ def _external_section(state: AppState) -> None:
 # ------------------------------------------------------------------------------------------------ handlers
 
 
-def checkpoint_choices(state: AppState, run_id: str | None) -> list[tuple[str, str]]:
-    """The run's exports (newest first) and its BF16 SFT model."""
+def checkpoint_choices(state: AppState, run_id: str | None, backend: str = "transformers") -> list[tuple[str, str]]:
+    """The run's exports (newest first) and its BF16 SFT model; those `backend` cannot serve here come last, their
+    label saying so (the reason is in the readiness box when picked)."""
     if not run_id:
         return []
     store = state.store()
-    choices = []
+    paths = []
     for artifact in reversed(store.artifacts(run_id, kind="export")):
         fmt = (artifact.get("meta") or {}).get("format", "export")
         if Path(artifact["path"]).is_dir():
-            choices.append((f"{fmt} export · {artifact['path']}", artifact["path"]))
+            paths.append((f"{fmt} export · {artifact['path']}", artifact["path"]))
     run = store.get_run(run_id) or {}
     sft = Path(run.get("run_dir") or "") / "models" / "sft"
     if run.get("run_dir") and (sft / "config.json").is_file():
-        choices.append((f"BF16 SFT model · {sft}", str(sft)))
-    return choices
+        paths.append((f"BF16 SFT model · {sft}", str(sft)))
+    servable, not_servable = [], []
+    for label, path in paths:
+        if server_process.plan_server(path, backend).errors:
+            not_servable.append((f"{label} · {BACKENDS[backend].name} cannot serve it here", path))
+        else:
+            servable.append((label, path))
+    return servable + not_servable
 
 
-def checkpoint_update(state: AppState, run_id: str | None):
-    """The run's checkpoints, its newest export picked; a run without any keeps what was typed."""
-    choices = checkpoint_choices(state, run_id)
-    return gr.Dropdown(choices=choices, value=choices[0][1]) if choices else gr.Dropdown(choices=[])
+def checkpoint_update(state: AppState, run_id: str | None, backend: str = "transformers", keep: str | None = None):
+    """The run's checkpoints, the first one `backend` can serve picked; `keep` (the user's pick, when the backend
+    changed) stays picked, relabelled. A run without any keeps what was typed."""
+    return _picked(state, run_id, backend, keep)[0]
+
+
+def _picked(state: AppState, run_id: str | None, backend: str, keep: str | None = None) -> tuple:
+    """(dropdown update, the value it picked for the user or None)."""
+    choices = checkpoint_choices(state, run_id, backend or "transformers")
+    if keep:
+        return gr.Dropdown(choices=choices, value=keep), None
+    if not choices:
+        return gr.Dropdown(choices=[]), None
+    return gr.Dropdown(choices=choices, value=choices[0][1]), choices[0][1]
+
+
+def reopened(state: AppState, run_id: str | None, backend: str, current: str | None, auto: str | None):
+    """The tab opened again: the run may have exported since it was selected (a run finishing while you watch).
+    A checkpoint the user picked or typed stays; one picked for them is replaced by the best one now."""
+    if current and current != auto:
+        return _picked(state, run_id, backend, keep=current)[0], auto
+    return _picked(state, run_id, backend)
 
 
 def _options(backend: str, trt_values: tuple) -> dict | None:
@@ -140,21 +170,21 @@ def _options(backend: str, trt_values: tuple) -> dict | None:
 
 
 def preview(checkpoint, backend, host, port, *trt_values):
-    """What the format needs, what this machine has, and the exact command."""
+    """What the format needs, what this machine has, the exact command, and Start enabled only if it can start."""
     if not checkpoint:
-        return views.message("Pick a checkpoint (or type a path).", "info"), ""
+        return views.message("Pick a checkpoint (or type a path).", "info"), "", gr.Button(interactive=False)
     try:
         plan = server_process.plan_server(checkpoint, backend, host or "127.0.0.1", int(port or 0) or None,
-                                   _options(backend, trt_values))
+                                          _options(backend, trt_values))
     except (ValueError, TypeError) as exc:
-        return views.message(f"Invalid options: {exc}", "error"), ""
+        return views.message(f"Invalid options: {exc}", "error"), "", gr.Button(interactive=False)
     rows = [f"<b>Format:</b> {views.esc(plan.info.label)} · <b>GPU:</b> {views.esc(gpu_summary())} · "
             f"<b>{views.esc(plan.backend.name)}:</b> {'installed' if plan.installed else 'not installed here'}"]
-    icons = {"error": "⛔", "warning": "⚠", "info": "ℹ"}
-    rows += [f"{icons[f.level]} {views.esc(f.text)}" for f in plan.findings]
+    rows += [f"{views.icon(f.level)}{views.esc(f.text)}" for f in plan.findings]
     rows.append(f"<span class='note'>{views.esc(plan.backend.notes)}</span>")
     kind = "error" if plan.errors else "info"
-    return f"<div class='msg msg-{kind}'>" + "<br>".join(rows) + "</div>", plan.command
+    return (f"<div class='msg msg-{kind}'>" + "<br>".join(rows) + "</div>", plan.command,
+            gr.Button(interactive=not plan.errors))
 
 
 def start_clicked(state: AppState, run_id, allow_network, checkpoint, backend, host, port, *trt_values):

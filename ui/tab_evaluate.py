@@ -22,6 +22,7 @@ ALL = "all tasks"
 def build(state: AppState) -> None:
     story = gr.Markdown(elem_id="eval-story")
     results = gr.Dataframe(label="Results", interactive=False, wrap=True, elem_id="eval-results")
+    results_note = gr.HTML(elem_id="eval-results-note")
     bars = gr.Plot(show_label=False, elem_id="pass-rate-bars")
     gr.Markdown("### Examples\nEach evaluated model's answer to the same prompt. Click a row for the full texts.")
     with gr.Row(equal_height=True):
@@ -32,7 +33,7 @@ def build(state: AppState) -> None:
     detail = gr.HTML(elem_id="example-detail")
     cache = gr.State({})
 
-    top = [story, results, bars, task, fmt, cache]
+    top = [story, results, results_note, bars, task, fmt, cache]
     gr.on(state.shown("evaluate", every=3.0), lambda run_id, c: refresh(state, run_id, c), [state.run, cache], top,
           show_progress="hidden")
     filters = [state.run, task, fmt, changed]
@@ -52,16 +53,18 @@ def refresh(state: AppState, run_id: str | None, cache: dict):
     exports = store.artifacts(run_id, kind="export") if run_id else []
     signature = [run_id, [(e["stage"], e["fmt"], e["created_at"]) for e in evals], len(exports)]
     if cache.get("signature") == signature:
-        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), cache
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), cache
     cache = {"signature": signature}
     if not run_id:
-        return "", pd.DataFrame(), charts.empty("no run selected"), gr.Dropdown([ALL], value=ALL), gr.Dropdown([]), cache
+        return ("", pd.DataFrame(), "", charts.empty("no run selected"), gr.Dropdown([ALL], value=ALL),
+                gr.Dropdown([]), cache)
     data = summary(store, run_id)
     tasks = task_names(data)
     by_stage = {stage: {e["fmt"] for e in evals if e["stage"] == stage} for stage in ("ptq", "qat")}
     formats = sorted(by_stage["ptq"] & by_stage["qat"])  # formats with both: the PTQ vs QAT filter needs both
+    note = views.message(run_data.short_training_note(store.get_run(run_id)), "info")
     return ("\n\n".join(f"**{line}**" for line in story_lines(data)),
-            results_frame(store, run_id, data), charts.pass_rate_bars(data["rows"], tasks),
+            results_frame(store, run_id, data), note, charts.pass_rate_bars(data["rows"], tasks),
             gr.Dropdown([ALL, *tasks], value=ALL), gr.Dropdown(formats, value=formats[0] if formats else None), cache)
 
 

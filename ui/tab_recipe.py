@@ -43,6 +43,7 @@ def build(state: AppState) -> None:
     results = gr.Dataframe(pd.DataFrame(columns=EMPTY_RESULTS), label="Results (fills in as each stage is evaluated)",
                            interactive=False,
                            elem_id="results-table", wrap=True)
+    results_note = gr.HTML(elem_id="results-note")
     problems = gr.HTML(elem_id="problems")
     with gr.Accordion("Machine telemetry during this run", open=False):
         telemetry_plot = gr.Plot(show_label=False)
@@ -52,7 +53,7 @@ def build(state: AppState) -> None:
         hardware.build(state, initial)
 
     cache = gr.State({})
-    outputs = [pipeline, status_line, results, problems, cancel, resume, cache]
+    outputs = [pipeline, status_line, results, results_note, problems, cancel, resume, cache]
     timer = state.tab_timer("recipe")
     timer.tick(lambda run_id, c: refresh(state, run_id, c), [state.run, cache], outputs,
                show_progress="hidden", concurrency_limit=None)
@@ -90,7 +91,7 @@ def refresh(state: AppState, run_id: str | None, cache: dict):
     store = state.store()
     run = store.get_run(run_id) if run_id else None
     if run is None:
-        values = [views.pipeline_html([]), "", pd.DataFrame(columns=EMPTY_RESULTS), "", False, False]
+        values = [views.pipeline_html([]), "", pd.DataFrame(columns=EMPTY_RESULTS), "", "", False, False]
     else:
         jobs = store.list_jobs(run_id)
         statuses = {j["status"] for j in jobs}
@@ -99,12 +100,13 @@ def refresh(state: AppState, run_id: str | None, cache: dict):
             _status_html(run, jobs),
             pd.DataFrame(table_rows(summary(store, run_id))) if store.evals(run_id) else
             pd.DataFrame(columns=EMPTY_RESULTS),
+            views.message(run_data.short_training_note(run), "info"),
             views.problems_html(run_data.problem_jobs(store, run_id)),
             bool(statuses & {"queued", "running"}),  # Cancel enabled
             bool(statuses & {"failed", "interrupted", "cancelled"}),  # Resume enabled
         ]
     shown = skip_unchanged(cache, values)
-    shown[4:6] = [v if not isinstance(v, bool) else gr.Button(interactive=v) for v in shown[4:6]]
+    shown[5:7] = [v if not isinstance(v, bool) else gr.Button(interactive=v) for v in shown[5:7]]
     return [*shown, cache]
 
 

@@ -71,10 +71,23 @@ def refresh(state: AppState, stage: str, run_id: str | None, cache: dict):
     cache["drawn"] = True
     stopped = [j for j in jobs if j["status"] in ("failed", "interrupted", "cancelled")]
     status = "".join(views.job_line(j) for j in jobs if j not in stopped) or ("" if stopped else views.job_line(None))
+    waiting = waiting_for(store, run_id, jobs)
+    status += "".join(f"<div class='jobline waiting'>waiting for {views.job_line(j, inline=True)}</div>"
+                      for j in waiting)
     problems = views.problems_html([{**j, "key": j["config"]["key"], "log_tail": ""} for j in stopped])
     launches = views.launch_html(_launches(store, run_id, jobs))
-    status_html, note, log = skip_unchanged(cache, [status + launches + problems, _note(stage, cache), _log(jobs)])
+    status_html, note, log = skip_unchanged(cache, [status + launches + problems, _note(stage, cache),
+                                                    _log(jobs) or _log(waiting)])
     return status_html, figure, note, log, cache
+
+
+def waiting_for(store, run_id: str, jobs: list[dict]) -> list[dict]:
+    """While this stage's jobs are queued and none runs: the run's jobs running now (e.g. prepare pre-training the
+    tiny model, ~2 minutes on the first run), so the tab does not just say 'queued'."""
+    if not any(j["status"] == "queued" for j in jobs) or any(j["status"] in ("running", "cancelling") for j in jobs):
+        return []
+    mine = {j["id"] for j in jobs}
+    return [j for j in store.list_jobs(run_id) if j["status"] in ("running", "cancelling") and j["id"] not in mine]
 
 
 def _launches(store, run_id: str, jobs: list[dict]) -> list[dict]:

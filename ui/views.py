@@ -74,6 +74,15 @@ def pill(text: str, color: str) -> str:
     return f"<span class='badge' style='background:{color};color:#fff'>{esc(text)}</span>"
 
 
+ICON_GLYPHS = {"error": "!", "warning": "!", "info": "i"}
+
+
+def icon(level: str) -> str:
+    """A round error / warning / info mark drawn by CSS around an ASCII glyph: emoji such as U+26D4 render as an
+    empty box where no emoji font is installed (headless chromium, many servers)."""
+    return f"<span class='icon icon-{esc(level)}' role='img' aria-label='{esc(level)}'>{ICON_GLYPHS[level]}</span>"
+
+
 def message(text: str, kind: str = "info") -> str:
     """A one-off notice under a button: kind = info | ok | error."""
     if not text:
@@ -87,12 +96,13 @@ def logbox(text: str, tall: bool = False) -> str:
     return f"<div class='logbox{' tall' if tall else ''}'><pre>{esc(text)}</pre></div>"
 
 
-def job_line(job: dict | None) -> str:
+def job_line(job: dict | None, inline: bool = False) -> str:
     if job is None:
         return "<div class='jobline'>not started in this run</div>"
     pct = f" {100 * (job.get('progress') or 0):.0f}%" if job["status"] in ("running", "cancelling") else ""
     msg = f" — {esc(job.get('message'))}" if job.get("message") else ""
-    return f"<div class='jobline'>{badge(job['status'])} <b>{esc(job['config'].get('key'))}</b>{pct}{msg}</div>"
+    line = f"{badge(job['status'])} <b>{esc(job['config'].get('key'))}</b>{pct}{msg}"
+    return line if inline else f"<div class='jobline'>{line}</div>"
 
 
 def launch_html(launches: list[dict]) -> str:

@@ -184,6 +184,7 @@ def _deterministic_torch() -> Iterator[None]:
 
 def pretrain(
     tokenizer: PreTrainedTokenizerBase, steps: int, seed: int, log: Callable[[str], None], device: str = "cpu",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> GptOssForCausalLM:
     """Plain fp32 torch loop. Loss on assistant tokens only: the prompts are templates with random slot values,
     so predicting them would spend the small model's capacity on noise instead of the behaviour we evaluate.
@@ -203,14 +204,15 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
     log_every = max(1, min(50, steps // 10))
     with _deterministic_torch():
-        _train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log)
+        _train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log, on_step)
     model.eval()
     return model.to("cpu")
 
 
 def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, pad_id: int,
-                steps: int, log_every: int, log: Callable[[str], None]) -> None:
+                steps: int, log_every: int, log: Callable[[str], None],
+                on_step: Callable[[int, int], None] | None = None) -> None:
     batch_size = PRETRAIN["batch_size"]
     for step in range(steps):
         batch = _collate(examples[step * batch_size : (step + 1) * batch_size], pad_id)
@@ -222,11 +224,14 @@ def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[i
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % log_every == 0 or step + 1 == steps:
             log(f"pretrain step {step + 1}/{steps} loss {loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1, steps)
 
 
 def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], None] = print, seed: int = 0,
-                     device: str = "cpu") -> Path:
+                     device: str = "cpu", on_step: Callable[[int, int], None] | None = None) -> Path:
     """Pre-train the embedded base model once and cache it; later calls return the cached directory at once.
+    `on_step(step, steps)` is called each time a step is logged (about every tenth of the run): job progress.
 
     The directory holds model + tokenizer (with the chat template) + generation config, loadable offline with
     `from_pretrained`. It is written to a temporary directory and renamed into place, so an interrupted run never
@@ -241,7 +246,7 @@ def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], No
     tokenizer = load_tokenizer()
     log(f"pre-training the tiny gpt-oss base model ({steps} steps, seed {seed}, on {device}) ...")
     started = time.perf_counter()
-    model = pretrain(tokenizer, steps, seed, log, device)
+    model = pretrain(tokenizer, steps, seed, log, device, on_step)
     seconds = time.perf_counter() - started
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-base-", dir=cache_root))
     try:

@@ -279,6 +279,35 @@ def nvfp4_fake_quant(
     return _unblock(out, x, block_size)
 
 
+def nvfp4_decode(packed: Tensor, scales: Tensor, scale_2: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """NVFP4 codes back to values along the last dim, as `NVFP4QTensor.dequantize` computes them (float32).
+
+    packed (..., n/2) uint8, two E2M1 codes a byte, low nibble = even element; scales (..., n/B) float8_e4m3fn;
+    scale_2 the float32 per-tensor scale. Value = e2m1 * (float(scale) * scale_2): the same product, in the same
+    order, as `_nv_fake_quant_blocks`, so the decoded export equals the fake-quant weights exactly (in float32;
+    scale_2 is arbitrary, so a bf16 result would round). Done here in torch rather than through modelopt so that a
+    process serving a checkpoint (the web app) need not import modelopt; tests/test_export.py checks it against
+    modelopt's reference. Row chunks keep the int64/float32 temporaries of a large expert tensor small.
+    """
+    if packed.dtype != torch.uint8 or packed.shape[:-1] != scales.shape[:-1] or (2 * packed.shape[-1]) % scales.shape[-1]:
+        raise ValueError(f"NVFP4 codes {tuple(packed.shape)} {packed.dtype} and block scales {tuple(scales.shape)} "
+                         "do not fit together (want uint8 (..., n/2) and (..., n/B))")
+    half, n_blocks = packed.shape[-1], scales.shape[-1]
+    block = 2 * half // n_blocks
+    global_scale = scale_2.detach().float().reshape(()).to(packed.device)
+    table = _table("nv_values", packed.device, torch.float32)
+    flat_codes, flat_scales = packed.reshape(-1, half), scales.reshape(-1, n_blocks)
+    out = torch.empty((flat_codes.shape[0], 2 * half), dtype=dtype, device=packed.device)
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (2 * half))
+    for start in range(0, flat_codes.shape[0], rows_per_chunk):
+        chunk = flat_codes[start : start + rows_per_chunk]
+        codes = torch.stack([chunk & 0x0F, chunk >> 4], dim=-1).view(chunk.shape[0], 2 * half).long()
+        block_scale = flat_scales[start : start + rows_per_chunk].float() * global_scale
+        values = table[codes].view(chunk.shape[0], n_blocks, block) * block_scale.unsqueeze(-1)
+        out[start : start + rows_per_chunk] = values.view(chunk.shape[0], 2 * half)
+    return out.view(*packed.shape[:-1], 2 * half)
+
+
 # ------------------------------------------------------------------------------ modelopt backend
 
 

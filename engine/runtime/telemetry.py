@@ -19,7 +19,15 @@ from pathlib import Path
 
 import psutil
 
-NO_GPU_NOTE = "no NVIDIA GPU: showing CPU/RAM only"
+NO_GPU_NOTE = "No NVIDIA GPU on this machine"
+# Why NVML found none, in words (pynvml's error class names mean nothing to most users).
+NO_GPU_REASONS = {
+    "LibraryNotFound": "no NVIDIA driver installed",
+    "DriverNotLoaded": "the NVIDIA driver is not loaded",
+    "NoPermission": "no permission to read the GPUs",
+    "ModuleNotFoundError": "nvidia-ml-py is not installed",
+    "ImportError": "nvidia-ml-py is not installed",
+}
 GB = 1024**3  # binary: the '_gb' fields are GiB, and the UI labels them so
 
 _nvml_lock = threading.Lock()
@@ -37,11 +45,17 @@ def _nvml():
                 _nvml_state["ready"] = pynvml.nvmlDeviceGetCount() > 0
                 _nvml_state["module"] = pynvml
                 if not _nvml_state["ready"]:
-                    _nvml_state["note"] = NO_GPU_NOTE
+                    _nvml_state["note"] = f"{NO_GPU_NOTE} (the NVIDIA driver sees none)"
             except Exception as exc:  # noqa: BLE001 - library missing, driver not loaded, ...: all mean "no GPU"
                 _nvml_state["ready"] = False
-                _nvml_state["note"] = f"{NO_GPU_NOTE} ({type(exc).__name__.removeprefix('NVMLError_')})"
+                _nvml_state["note"] = no_gpu_note(exc)
         return _nvml_state.get("module") if _nvml_state["ready"] else None
+
+
+def no_gpu_note(exc: BaseException) -> str:
+    """'No NVIDIA GPU on this machine (no NVIDIA driver installed)': one plain sentence for the header and forms."""
+    name = type(exc).__name__.removeprefix("NVMLError_")
+    return f"{NO_GPU_NOTE} ({NO_GPU_REASONS.get(name, f'the NVIDIA driver could not be read: {name}')})"
 
 
 def _read(call, *args, scale: float = 1.0):

@@ -2,5 +2,6 @@
 detached processes (`server_process`), harmony channels through transformers serve (`harmony_view`), and the chat
 client (`chat`).
 
-May import: `engine.data` (harmony), `engine.runtime` (workspace, telemetry), `storage`.
+May import: `engine.data` (harmony), `engine.fp4` (the dequantized copy of an NVFP4 export that transformers serve
+loads), `engine.runtime` (workspace, telemetry), `storage`.
 """

@@ -107,7 +107,8 @@ class TransformersBackend(ServerBackend):
     needs_gpu = False
     notes = ("Hugging Face `transformers serve`: one request at a time (no batching unless continuous batching is "
              "on), eager PyTorch. MXFP4 experts are dequantized to bf16 on load unless a GPU with Triton >= 3.4 and "
-             "the `kernels` package is present. Cannot load NVFP4 (modelopt) checkpoints.")
+             "the `kernels` package is present. NVFP4 (modelopt) weight-only exports are served through a dequantized "
+             "float32 copy (engine/fp4/dequantize_nvfp4.py); NVFP4 W4A4 cannot be.")
 
     def argv(self, model_path, host, port, options: TransformersOptions) -> list[str]:
         argv = ["transformers", "serve", model_path, "--device", options.device, "--dtype", options.dtype,

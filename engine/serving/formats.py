@@ -36,6 +36,7 @@ class CheckpointInfo:
     quantization: dict = field(default_factory=dict)
     harmony: bool = False  # the tokenizer's chat template speaks harmony (<|channel|>)
     response_template: bool = False  # the tokenizer tells transformers how to split channels
+    embedded_demo: bool = False  # the embedded tiny gpt-oss (or a model trained from it): knows only the demo tasks
     problem: str | None = None  # why it cannot be read at all
 
     @property
@@ -62,7 +63,30 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     info = CheckpointInfo(str(path), quant_format(qcfg), model_type=config.get("model_type"),
                           dtype=config.get("dtype") or config.get("torch_dtype"), quantization=qcfg)
     info.harmony, info.response_template = _tokenizer_traits(path)
+    info.embedded_demo = is_embedded_demo(path)
     return info
+
+
+EMBEDDED_TOKENIZER = Path(__file__).resolve().parents[2] / "assets" / "tokenizer" / "tokenizer.json"
+_EMBEDDED_TOKENIZER_MAX_BYTES = 1 << 20  # ours is 86 kB; gpt-oss's o200k tokenizer.json is ~27 MB: never parsed
+
+
+def is_embedded_demo(path: str | Path) -> bool:
+    """The checkpoint speaks the embedded tiny model's tokenizer (same BPE vocabulary and merges): it is the embedded
+    demo model or was trained from it. A real gpt-oss never shares that 1.5k-token vocabulary."""
+    file = Path(path) / "tokenizer.json"
+    try:
+        if file.stat().st_size > _EMBEDDED_TOKENIZER_MAX_BYTES:
+            return False
+        return _bpe_model(file.read_text()) == _bpe_model(EMBEDDED_TOKENIZER.read_text())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _bpe_model(text: str) -> str:
+    model = json.loads(text)["model"]
+    return json.dumps([model["vocab"], model["merges"]], sort_keys=True)
 
 
 def quant_format(qcfg: dict) -> str:
@@ -137,9 +161,15 @@ def _format_findings(backend: str, info: CheckpointInfo, gpus: tuple[dict, ...])
     fmt = info.format
     if fmt == "unknown":
         return [Finding("warning", f"unrecognised quantization_config {info.quantization!r}; the server decides")]
-    if fmt.startswith("nvfp4") and backend == "transformers":
-        return [Finding("error", "transformers cannot load pre-quantized NVFP4 (modelopt) checkpoints; serve it with "
-                                 "vLLM or TensorRT-LLM on a GPU (the command below), or serve the MXFP4/BF16 model.")]
+    if fmt == "nvfp4_w4a4" and backend == "transformers":
+        return [Finding("error", "transformers cannot load NVFP4 W4A4 (modelopt) checkpoints, and no plain copy "
+                                 "computes what it computes (its activations are quantized too); serve it with vLLM "
+                                 "or TensorRT-LLM on a Blackwell GPU (the command below).")]
+    if fmt == "nvfp4" and backend == "transformers":
+        return [Finding("info", "transformers cannot load modelopt NVFP4 checkpoints, so it serves a dequantized copy "
+                                "this app writes next to the export (once): float32 expert weights equal to the "
+                                "trained fake-quant weights (bf16 would round NVFP4 values), twice the memory of "
+                                "BF16 experts. Native NVFP4 kernels: vLLM / TensorRT-LLM on a GPU.")]
     if fmt == "nvfp4_w4a4" and best is not None and best < BLACKWELL:
         return [Finding("error", f"NVFP4 W4A4 needs Blackwell-class GPUs (sm_100+) for FP4 activations; this "
                                  f"machine has {gpu_summary(gpus)}. Export NVFP4 weight-only or MXFP4 for Hopper.")]

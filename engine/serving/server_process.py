@@ -16,7 +16,8 @@ What `transformers serve` (5.24) does with our checkpoints, measured on the tiny
   quantizer falls back to dequantizing the experts to bf16 itself (two warnings in the server log), i.e. what
   `Mxfp4Config(dequantize=True)` does. Start-up of the tiny model: ~11-25 s on 2 CPU cores, mostly imports.
   The served logits match the in-process dequantized model's (test_served_logits_match_in_process).
-- NVFP4 (modelopt) checkpoints cannot be loaded by transformers at all: refused with a reason (engine/serving/formats).
+- transformers cannot load NVFP4 (modelopt) checkpoints: a weight-only export is served through its dequantized
+  copy (engine/fp4/dequantize_nvfp4.py; exact fake-quant weights); W4A4 is refused with a reason (formats.py).
 - Chat completions render messages with the checkpoint's own chat template (our harmony template), but gpt_oss has
   no built-in response template, so replies arrive decoded with skip_special_tokens=True:
   "analysis{thinking}assistantfinal{answer}". We therefore serve a view of the checkpoint whose tokenizer carries
@@ -43,6 +44,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.fp4 import dequantize_nvfp4
 from engine.serving.backends import BACKENDS, ServerBackend, get_backend
 from engine.serving.formats import CheckpointInfo, Finding, check_compatibility, detect_gpus, inspect_checkpoint
 from engine.serving.harmony_view import served_dir
@@ -67,6 +69,8 @@ class Plan:
     installed: bool
     info: CheckpointInfo
     findings: list[Finding]
+    served_path: str = ""  # what the server loads: model_path, or the dequantized copy of an NVFP4 export
+
 
     @property
     def errors(self) -> list[str]:
@@ -85,8 +89,17 @@ def plan_server(model_path: str | Path, backend: str = "transformers", host: str
         findings.insert(0, Finding("error", f"{be.label} is not installed here (pip install "
                                             f"'gpt-oss-qat-studio[{be.name}]'); run the command below where it is."))
     shown_port = port or 8000
-    return Plan(be, str(model_path), host, shown_port, parsed, be.shell_command(model_path, host, shown_port, parsed),
-                be.installed(), info, findings)
+    served = str(model_path)
+    command = be.shell_command(model_path, host, shown_port, parsed)
+    if needs_dequantized_copy(be, info):  # the copy is written first; elsewhere, by the module's own command
+        served = str(dequantize_nvfp4.default_dir(model_path))
+        command = (f"{shlex.join(['python', '-m', 'engine.fp4.dequantize_nvfp4', str(model_path)])} && "
+                   f"{be.shell_command(served, host, shown_port, parsed)}")
+    return Plan(be, str(model_path), host, shown_port, parsed, command, be.installed(), info, findings, served)
+
+
+def needs_dequantized_copy(backend: ServerBackend, info: CheckpointInfo) -> bool:
+    return backend.name == "transformers" and info.format == "nvfp4"
 
 
 def start_server(store, model_path: str | Path, backend: str = "transformers", host: str = "127.0.0.1",
@@ -103,8 +116,14 @@ def start_server(store, model_path: str | Path, backend: str = "transformers", h
     port = port or free_port(host)
     if not port_is_free(host, port):
         raise ServingError(f"port {port} on {host} is already in use; choose another (or leave it empty)")
+    if needs_dequantized_copy(plan.backend, plan.info):
+        try:
+            dequantize_nvfp4.dequantized_copy(model_path, plan.served_path)
+        except (OSError, ValueError) as exc:
+            raise ServingError(f"could not write the dequantized copy of {model_path} at {plan.served_path}: "
+                               f"{exc}") from exc
     server_dir = _new_server_dir(store, plan.backend.name, port)
-    served = served_dir(model_path, server_dir) if plan.backend.name == "transformers" else str(model_path)
+    served = served_dir(plan.served_path, server_dir) if plan.backend.name == "transformers" else plan.served_path
     argv = plan.backend.launch_argv(plan.backend.command(served, host, port, plan.options))
     log = server_dir / "server.log"
     try:

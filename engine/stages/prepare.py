@@ -17,8 +17,9 @@ def run(ctx: Context) -> dict:
         from engine.data.embedded_model import ensure_tiny_base
 
         ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
+        # The first run pre-trains it (~2 min on 2 CPU cores): the job's progress moves with it, not only its log.
         path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log,
-                                device=ctx.device.type)
+                                device=ctx.device.type, on_step=lambda step, steps: ctx.progress(0.5 * step / steps))
     else:
         path = resolve_checkpoint(source)
     ctx.progress(0.5, f"checking the checkpoint at {path}")

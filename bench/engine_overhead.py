@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"device='cuda' if torch.cuda.is_available() else 'cpu')"],
                    cwd=REPO, env=env, check=True, capture_output=True)
     prepare_cold = time.time() - cold
+    print(f"base model pre-training (cold, once): {prepare_cold:.1f} s", flush=True)
 
     engine = engine_side(args.recipe, args.set, root / "engine", env)
+    print(f"engine side: {engine['total_s']:.1f} s in {engine['processes']} job processes; jobs {engine['jobs']}",
+          flush=True)
     bare = bare_side(args.recipe, args.set, root / "bare", env)
     overhead = {k: engine["jobs"][k] - bare["jobs"].get(k, 0.0) for k in engine["jobs"]}
     result = {"recipe": args.recipe, "overrides": args.set, "prepare_cold_s": prepare_cold, "engine": engine,

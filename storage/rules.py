@@ -109,9 +109,10 @@ def derive_run_status(job_statuses: Iterable[str], current: str) -> str:
         return "running"
     if "failed" in seen:  # sticky: the run can no longer fully succeed, even if independent jobs are still queued
         return "failed"
+    if "interrupted" in seen:  # nothing runs it, and the run cannot end without a resume (e.g. after a power cut)
+        return "interrupted"
     if "queued" in seen:
         return "queued" if seen == {"queued"} else "running"
-    for status in ("interrupted", "cancelled"):
-        if status in seen:
-            return status
+    if "cancelled" in seen:
+        return "cancelled"
     return "succeeded" if seen == {"succeeded"} else "failed"  # a bare 'skipped' means a dependency went missing

@@ -47,6 +47,8 @@ def test_killed_sft_job_resumes_with_continuous_metrics(resumed_run):
     steps = metric_steps(store, sft)
     max_steps = store.get_run(run_id)["recipe"]["sft"]["max_steps"]
     assert steps == list(range(1, max_steps + 1))  # continuous: no gap, no duplicate from before the kill
+    rows = [(row["step"], row["name"]) for row in store.metrics(job_id=sft)]
+    assert len(rows) == len(set(rows))  # one row per step and name (the Trainer logs some names twice a step)
     log = Path(job["log_path"]).read_text()
     assert "resuming from" in log and f"checkpoint-{info['checkpoint_step']}" in log
 

@@ -27,6 +27,7 @@ class StoreMetricsCallback(TrainerCallback):
         self._last_time: float | None = None
         self._last_tokens = 0.0
         self.note = ""  # appended to every progress message (a restart from step 0 stays visible while it trains)
+        self._stored: tuple[int, set[str]] = (-1, set())  # the step last stored and the names stored for it
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = time.time()
@@ -42,6 +43,13 @@ class StoreMetricsCallback(TrainerCallback):
         if "loss" in values and self._last_time is not None and now > self._last_time and tokens > self._last_tokens:
             values["tokens_per_s"] = (tokens - self._last_tokens) / (now - self._last_time)
             self._last_time, self._last_tokens = now, tokens
+        # One row per step and name: the Trainer repeats num_input_tokens_seen in an evaluation's log and, with
+        # train_runtime, in the end-of-training summary of the same step (seen with transformers 5.24 / TRL 1.16).
+        step, names = self._stored
+        if step != state.global_step:
+            step, names = state.global_step, set()
+        values = {k: v for k, v in values.items() if k not in names}
+        self._stored = (step, names | set(values))
         if values:
             self.ctx.metrics(state.global_step, **values)
         if state.max_steps:

@@ -160,14 +160,14 @@ def test_claim_skips_busy_resources_but_keeps_id_order(store: Store) -> None:
     assert store.claim_job()["id"] == two_gpu
 
 
-def test_an_interrupted_job_interrupts_its_run_once_nothing_else_waits(store: Store) -> None:
+def test_an_interrupted_job_interrupts_its_run_while_nothing_runs(store: Store) -> None:
     run = store.create_run("r", {})
     first, second = store.add_job(run, "sft"), store.add_job(run, "ptq")
     store.claim_job()
     store.finish_job(first, "interrupted", error="engine restarted")  # as engine/runtime/processes.py marks it
     assert store.get_job(first)["status"] == "interrupted" and store.get_job(first)["error"] == "engine restarted"
     assert store.get_job(second)["status"] == "queued"
-    assert store.get_run(run)["status"] == "running"  # one job still waits
+    assert store.get_run(run)["status"] == "interrupted"  # one job still waits, but nothing runs it (a power cut)
     store.finish_job(second, "succeeded")
     assert store.get_run(run)["status"] == "interrupted"
     store.update_job(second, status="running")  # plain updates do not refresh; the helper does

@@ -129,7 +129,7 @@ def test_a_window_of_n_plus_one_keys_would_be_caught():
 
 def test_resolve_and_use_back_to_eager():
     assert attention.resolve("auto", "cpu") == "eager"
-    assert attention.resolve("auto", "cuda") == "flex"
+    assert attention.resolve("auto", "cuda") == "eager"  # until flex has run on a GPU (issue 14)
     assert attention.resolve("flex", "cpu") == "flex"
     with pytest.raises(ValueError, match="hardware.attention"):
         attention.resolve("sdpa", "cpu")

@@ -301,7 +301,7 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
             raise ValueError(f"model.source: {source!r}: no config.json to size it from; estimates know local "
                              f"checkpoint dirs and {', '.join(KNOWN)}") from None
     dtype = {"bfloat16": "bfloat16", "float32": "float32"}.get(recipe.model.dtype, "bfloat16" if cuda else "float32")
-    attention = hw.attention if hw.attention != "auto" else ("flex" if cuda else "eager")
+    attention = hw.attention if hw.attention != "auto" else "eager"  # engine/training/attention.py: resolve
     chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
     return estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
                     strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,

@@ -142,18 +142,24 @@ def _cell(value, base, higher_better: bool) -> str:
     return f"{shown} <span class='delta {'up' if better else 'down'}'>({delta * pct:+.{digits}f})</span>"
 
 
-def layer_survival(state: AppState, run_ids: list[str]):
-    """Per layer and format: the share of the expert weights SFT changed that are served at the base's value."""
+def _per_tensor_items(state: AppState, run_ids: list[str], metric: str, value=lambda v: v) -> list[dict]:
+    """One bar group per quantized model of the runs: {label, stage, fmt, errors: {tensor: value(metric's entry)}}."""
     store = state.store()
     items = []
     for run_id in run_ids:
         for ev in store.evals(run_id):
-            per_tensor = ev["metrics"].get("per_tensor_finetune_survival")
+            per_tensor = ev["metrics"].get(metric)
             if ev["stage"] in ("ptq", "qat") and per_tensor:
                 label = charts.model_label(ev["stage"], ev["fmt"])
                 items.append({"label": f"{run_id[-9:]} {label}" if len(run_ids) > 1 else label,
                               "stage": ev["stage"], "fmt": ev["fmt"],
-                              "errors": {name: v["erased_share"] for name, v in per_tensor.items()}})
+                              "errors": {name: value(v) for name, v in per_tensor.items()}})
+    return items
+
+
+def layer_survival(state: AppState, run_ids: list[str]):
+    """Per layer and format: the share of the expert weights SFT changed that are served at the base's value."""
+    items = _per_tensor_items(state, run_ids, "per_tensor_finetune_survival", lambda v: v["erased_share"])
     return charts.layer_error_figure(
         items, title="Fine-tune erased by quantization, per layer (share of SFT-changed expert weights served at "
         "the base's value; hatched = QAT)", y_title="erased share", empty_text="no fine-tune survival yet (PTQ/QAT "
@@ -161,14 +167,5 @@ def layer_survival(state: AppState, run_ids: list[str]):
 
 
 def layer_errors(state: AppState, run_ids: list[str]):
-    store = state.store()
-    items = []
-    for run_id in run_ids:
-        for ev in store.evals(run_id):
-            errors = ev["metrics"].get("per_tensor_weight_rel_error")
-            if ev["stage"] in ("ptq", "qat") and errors:
-                label = charts.model_label(ev["stage"], ev["fmt"])
-                items.append({"label": f"{run_id[-9:]} {label}" if len(run_ids) > 1 else label,
-                              "stage": ev["stage"], "fmt": ev["fmt"], "errors": errors})
-    return charts.layer_error_figure(items)
+    return charts.layer_error_figure(_per_tensor_items(state, run_ids, "per_tensor_weight_rel_error"))
 

@@ -141,3 +141,26 @@ def test_token_lengths_are_remembered_per_content_and_tokenizer():
     other_original = other.apply_chat_template
     other.apply_chat_template = lambda *a, **k: other_rendered.append(1) or other_original(*a, **k)
     assert chat_data.token_lengths(rows, other) == first and other_rendered == [1]
+
+
+def test_run_validation_counts_tokens_like_the_run_without_importing_torch(tmp_path):
+    """`launch.py run` checks lengths before a run exists; it must count exactly the tokens the stages will (their
+    tokenizer comes from AutoTokenizer) and must not pay for importing torch to do it."""
+    import subprocess
+    import sys
+
+    from engine.recipe.configs import Recipe
+    from engine.runs import _tokenizer_for
+
+    rows = load_chat_dataset("embedded:demo")[:300]
+    light = _tokenizer_for(Recipe(), None)
+    assert chat_data.token_lengths(rows, light) == chat_data.token_lengths(rows, embedded_model.embedded_tokenizer())
+    assert light.apply_chat_template(rows[0]["messages"][:1], tokenize=False, add_generation_prompt=True) == \
+        embedded_model.embedded_tokenizer().apply_chat_template(rows[0]["messages"][:1], tokenize=False,
+                                                                add_generation_prompt=True)
+    probe = ("import sys; from engine.runs import load_and_validate; "
+             "load_and_validate('assets/recipes/demo.yaml', {}); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

@@ -66,5 +66,7 @@ def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert store.get_job(jobs["evaluate:sft"])["status"] == "succeeded"
         assert store.get_run(run_id)["status"] == "succeeded"
+        # The report (no device, its own resource) was taken by the chain it waited for, not a process of its own.
+        assert store.get_job(jobs["report"])["pid"] == store.get_job(jobs["evaluate:sft"])["pid"]
     finally:
         stop_engines(store)

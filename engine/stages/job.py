@@ -103,7 +103,9 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     if distributed.world_size() > 1 or not recipe.hardware.reuse_process:
         return None
     kept = next(iter(models), None)
-    ready = [j for j in store.ready_jobs(run["id"], done["resources"])
+    # The report needs no device (its own 'report' resource, so it never waits for another run's GPU), but in a
+    # fresh process it paid 4.2 s of imports to write a summary (H200, 2026-12-03): the chain takes it too.
+    ready = [j for j in store.ready_jobs(run["id"], done["resources"]) + store.ready_jobs(run["id"], "report")
              if not distributed.uses_accelerate(recipe, j["stage"])]
     ready.sort(key=lambda j: (model_needed(j, recipe) != kept, j["id"]))  # the job that reuses the model first
     for job in ready:

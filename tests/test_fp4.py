@@ -315,3 +315,29 @@ def test_qat_through_modelopt_uses_our_fake_quant_with_straight_through_grads(fm
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
         torch.testing.assert_close(param.grad, twin_params[name].grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "nvfp4_w4a4"])
+def test_weights_quantized_once_computes_the_same_numbers_and_restores_the_masters(fmt):
+    """Evaluation fixes the fake-quantized expert weights for its ~100 forwards per batch instead of re-quantizing
+    them at each: same logits bit for bit, input quantizers (W4A4) still on, masters back bit-exact afterwards."""
+    from engine.fp4 import modelopt_glue
+
+    torch_backend.register()
+    base = {"mxfp4": mtq.MXFP4_MLP_WEIGHT_ONLY_CFG, "nvfp4": mtq.NVFP4_MLP_WEIGHT_ONLY_CFG,
+            "nvfp4_w4a4": mtq.NVFP4_MLP_ONLY_CFG}[fmt]
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = mtq.quantize(tiny_gpt_oss(), with_backend(base), lambda m: [m(input_ids=ids) for _ in range(2)])
+    masters = {item.name: item.weight.detach().clone() for item in modelopt_glue.expert_weights(model)}
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with modelopt_glue.weights_quantized_once(model) as fixed:
+            assert fixed == 4  # 2 layers x (gate_up_proj, down_proj)
+            assert not any(item.quantizer.is_enabled for item in modelopt_glue.expert_weights(model))
+            got = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(after, expected, rtol=0, atol=0)
+    for item in modelopt_glue.expert_weights(model):
+        assert item.quantizer.is_enabled
+        assert torch.equal(item.weight, masters[item.name]), item.name

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -168,6 +169,33 @@ def effective_expert_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         else:
             out[item.name] = item.weight.detach().clone()
     return out
+
+
+@contextlib.contextmanager
+def weights_quantized_once(model: nn.Module) -> Iterator[int]:
+    """For the duration, the expert weights hold their fake-quantized values and their weight quantizers are off.
+
+    modelopt re-quantizes every expert weight at every forward; evaluation's greedy generation makes ~100 forwards per
+    batch of the same weights. The model computes with exactly the same numbers (tests/test_fp4.py compares logits
+    bit for bit); input quantizers (W4A4) stay on. The masters wait on the CPU (at 20b size the expert weights are
+    ~26 GB in bf16) and are put back bit-exact on exit, also on error: QAT may train this model next. Yields the
+    number of weights fixed (0 for a model without enabled weight quantizers)."""
+    stash = []
+    try:
+        with torch.no_grad():
+            for item in expert_weights(model):
+                if item.quantizer is None or not item.quantizer.is_enabled:
+                    continue
+                effective = apply_weight_quantizer(item.quantizer, item.weight)
+                stash.append((item, item.weight.detach().to("cpu", copy=True)))
+                item.weight.copy_(effective)
+                item.quantizer.disable()
+        yield len(stash)
+    finally:
+        with torch.no_grad():
+            for item, master in stash:
+                item.weight.copy_(master.to(item.weight.device))
+                item.quantizer.enable()
 
 
 @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from engine.evaluation import evaluator, survival
+from engine.fp4 import modelopt_glue
 from engine.runtime.context import Context
 from engine.stages.common import load_splits, model_path, open_model
 
@@ -23,13 +24,13 @@ def run(ctx: Context) -> dict:
     _, eval_rows = load_splits(ctx)
 
     ctx.progress(0.05, f"eval loss on {len(eval_rows)} examples")
-    metrics: dict = {"eval_loss": evaluator.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
-
     picked = pick_examples(eval_rows, cfg.max_examples_per_task)
-    results = evaluator.generate_and_judge(
-        model, tokenizer, picked, cfg.max_new_tokens, cfg.batch_size,
-        on_batch=lambda done, total: ctx.progress(0.1 + 0.8 * done / total, f"generated {done}/{total} answers"),
-    )
+    with modelopt_glue.weights_quantized_once(model):  # same numbers, without re-quantizing at every forward
+        metrics: dict = {"eval_loss": evaluator.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
+        results = evaluator.generate_and_judge(
+            model, tokenizer, picked, cfg.max_new_tokens, cfg.batch_size,
+            on_batch=lambda done, total: ctx.progress(0.1 + 0.8 * done / total, f"generated {done}/{total} answers"),
+        )
     metrics.update(evaluator.pass_rates(results))
 
     if fmt != "bf16":

@@ -44,7 +44,7 @@ def cmd_run(recipe_path: str, workdir: Path, overrides: dict, wait: bool = True)
     return watch(store, run_id)
 
 
-def watch(store, run_id: str, poll_s: float = 1.0) -> int:
+def watch(store, run_id: str, poll_s: float = 0.25) -> int:
     """Print each job's progress until the run ends; Ctrl-C stops watching, not the run."""
     seen: dict[int, tuple] = {}
     started = time.time()

@@ -127,6 +127,18 @@ def test_a_window_of_n_plus_one_keys_would_be_caught():
     assert diff > 1e-3
 
 
+def test_auto_follows_the_one_switch_on_cuda_and_stays_eager_on_cpu(monkeypatch):
+    for switch in (False, True):
+        monkeypatch.setattr(attention, "AUTO_FLEX_ON_CUDA", switch)
+        assert attention.resolve("auto", "cpu") == "eager"
+        assert attention.resolve("auto", torch.device("cpu")) == "eager"
+        assert attention.resolve("auto", "cuda:0") == ("flex" if switch else "eager")
+        assert attention.resolve("eager", "cuda") == "eager" and attention.resolve("flex", "cuda") == "flex"
+        model = tiny_gpt_oss(window=5)
+        assert attention.use(model, "auto", "cpu", log=lambda _: None) == "eager"
+        assert model.config._attn_implementation == "eager"
+
+
 def test_resolve_and_use_back_to_eager():
     assert attention.resolve("auto", "cpu") == "eager"
     assert attention.resolve("auto", "cuda") == "eager"  # until flex has run on a GPU (issue 14)

@@ -38,19 +38,20 @@ import torch
 
 NAME = "gpt_oss_flex"  # the attn_implementation name registered with transformers
 CHOICES = ("auto", "eager", "flex")
+# The one switch for `hardware.attention: auto` (issue 14): False keeps eager everywhere; True makes 'auto' flex on
+# CUDA. Turn it on once tests/test_attention_gpu.py has passed on a GPU (it has not yet). CPU stays eager either way.
+AUTO_FLEX_ON_CUDA = False
 
 
 def resolve(choice: str, device: torch.device | str) -> str:
-    """'eager' or 'flex' for a recipe's `hardware.attention` on `device`.
+    """'eager' or 'flex' for a recipe's `hardware.attention` on `device` (the trainer and the estimator both ask here).
 
-    'auto' is eager everywhere for now: flex has passed its CPU tests but has not yet run on a GPU, and a parallel
-    branch found that transformers' mask closures (different per layer type and padding) can exceed torch's
-    recompile limit with varying batch lengths, after which flex runs uncompiled with the full score matrix.
-    'auto' turns to flex on CUDA once tests/test_attention_gpu.py and the long-context bench have run (issue 14)."""
+    'auto' is flex on CUDA only when AUTO_FLEX_ON_CUDA is set, eager otherwise: on CPU flex has no compiled
+    backward (its dense reference is as slow as eager), so the CPU path stays eager and bit-identical."""
     if choice not in CHOICES:
         raise ValueError(f"hardware.attention must be one of {CHOICES}, not {choice!r}")
     if choice == "auto":
-        return "eager"
+        return "flex" if AUTO_FLEX_ON_CUDA and torch.device(device).type == "cuda" else "eager"
     return choice
 
 

@@ -56,7 +56,7 @@ run_step() {
       } > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
     gpu-tests) step gpu-tests 540 python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider \
         --ignore=tests/test_attention_gpu.py ;;  # its own step (attention-tests): it compiles kernels for minutes
-    attention-tests) step attention-tests 215 python3 -m pytest -q -s -rs -m gpu tests/test_attention_gpu.py \
+    attention-tests) step attention-tests 210 python3 -m pytest -q -s -rs -m gpu tests/test_attention_gpu.py \
         -p no:cacheprovider ;;
     qat-step) step qat-step 300 python3 bench/qat_step.py --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:nvfp4 \
         --json "$OUT/qat-step.json" ;;
@@ -64,10 +64,10 @@ run_step() {
         --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:mxfp4 --json "$OUT/qat-step-long.json" ;;
     qat-w4a4) step qat-w4a4 300 python3 bench/qat_step.py --paths bf16,modelopt:nvfp4_w4a4,wrapper:nvfp4_w4a4 \
         --json "$OUT/qat-w4a4.json" ;;
-    attn-step) step attn-step 75 python3 bench/qat_step.py --same-process \
+    attn-step) step attn-step 85 python3 bench/qat_step.py --same-process \
         --paths bf16@eager/full,bf16@flex/chunked,engine:mxfp4@eager/full,engine:mxfp4@flex/chunked \
         --json "$OUT/attn-step.json" ;;
-    context-sweep) step context-sweep 115 python3 bench/long_context.py sweep --seq 4096,16384,65536,1024 \
+    context-sweep) step context-sweep 120 python3 bench/long_context.py sweep --seq 4096,16384,65536,1024 \
         --tokens 16384 --steps 1 --json "$OUT/context-sweep.json" ;;
     context-1k|context-4k|context-16k|context-64k) local t=${1#context-}; t=${t%k}
         step "$1" 280 python3 bench/long_context.py sweep --seq $((t * 1024)) --tokens 16384 --json "$OUT/$1.json" ;;

@@ -130,7 +130,7 @@ def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
     recipe = Recipe.model_validate({"model": {"source": "gpt-oss-20b"}, "data": {"max_length": 16384},
                                     "sft": {"lora": True}})
     on_gpu = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
-    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("eager", True)  # auto: eager until flex ran on a GPU
+    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("flex", True)  # auto on CUDA: flex (the trainer's rule)
     recipe.hardware.attention = "flex"
     flex = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
     assert flex["attention"] == "flex"

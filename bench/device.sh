@@ -6,14 +6,16 @@
 #
 # Steps (each prints what it measures; JSON results go to $OUT/<step>.json, logs to $OUT/<step>.log):
 #   env            GPU, driver and library versions, one telemetry sample                       -> $OUT/env.txt
-#   gpu-tests      every test marked `gpu` (FP4 kernels, fast experts, jobs, telemetry, attention, ...)
+#   gpu-tests      every test marked `gpu` (FP4 kernels, fast experts, jobs, telemetry, ...) but attention-tests
+#   attention-tests  tests/test_attention_gpu.py: flex vs eager (kernel, model, recompiles, 50-step SFT / QAT
+#                  curves), what each test measured in $OUT/attention-gpu-*.json
 #   qat-step       bench/qat_step.py: BF16 vs engine QAT vs modelopt, 2-layer gpt-oss-20b cut, 4 x 1024
 #   qat-step-long  the same at 8 x 2048
 #   qat-w4a4       NVFP4 W4A4: modelopt's kernels vs our backend through modelopt's expert wrapper
 #   attn-step      bench/qat_step.py at 4 x 1024: BF16 and engine QAT, eager + full logits vs flex + chunked loss
-#   context-1k context-4k context-16k context-64k
-#                  bench/long_context.py sweep at T = 1k/4k/16k/64k, 16k tokens per step (batch 16/4/1/1):
-#                  bf16 and engine:mxfp4, each eager+full vs flex+chunked, gradient checkpointing
+#   context-sweep  bench/long_context.py sweep at T = 4k, 16k, 64k, then 1k in one process, 16k tokens per step
+#                  (batch 4/1/1/16): bf16 and engine:mxfp4, each eager+full vs flex+chunked, checkpointing
+#   context-1k context-4k context-16k context-64k   the same, one T per step
 #   max-context    bench/long_context.py max-context: longest T for one LoRA QAT step of the 24-layer 20b shape
 #   serve          bench/serve_bench.py: transformers serve of a 2-layer 20b-shaped checkpoint (load, TTFT, tokens/s)
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
@@ -22,13 +24,13 @@
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
-STEPS="env gpu-tests qat-step qat-step-long qat-w4a4 attn-step context-1k context-4k context-16k context-64k
-  max-context serve mem-probe fsdp engine-overhead"
+STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
+  context-16k context-64k max-context serve mem-probe fsdp engine-overhead"
 [ $# -gt 0 ] || { sed -n '2,30p' "$0" | grep '^#'; exit 2; }
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
 done
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"  # exported: the attention tests write their JSON there
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
@@ -52,20 +54,25 @@ run_step() {
         python3 -c "import torch, triton, transformers, modelopt; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'modelopt', modelopt.__version__)"
         python3 -c "import json; from engine.runtime import telemetry; print(json.dumps(telemetry.sample(), default=str)[:3000])"
       } > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
-    gpu-tests) step gpu-tests 540 python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider ;;
+    gpu-tests) step gpu-tests 540 python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider \
+        --ignore=tests/test_attention_gpu.py ;;  # its own step (attention-tests): it compiles kernels for minutes
+    attention-tests) step attention-tests 210 python3 -m pytest -q -s -rs -m gpu tests/test_attention_gpu.py \
+        -p no:cacheprovider ;;
     qat-step) step qat-step 300 python3 bench/qat_step.py --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:nvfp4 \
         --json "$OUT/qat-step.json" ;;
     qat-step-long) step qat-step-long 200 python3 bench/qat_step.py --batch 8 --seq 2048 --steps 3 --warmup 1 \
         --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:mxfp4 --json "$OUT/qat-step-long.json" ;;
     qat-w4a4) step qat-w4a4 300 python3 bench/qat_step.py --paths bf16,modelopt:nvfp4_w4a4,wrapper:nvfp4_w4a4 \
         --json "$OUT/qat-w4a4.json" ;;
-    attn-step) step attn-step 300 python3 bench/qat_step.py --same-process \
+    attn-step) step attn-step 85 python3 bench/qat_step.py --same-process \
         --paths bf16@eager/full,bf16@flex/chunked,engine:mxfp4@eager/full,engine:mxfp4@flex/chunked \
         --json "$OUT/attn-step.json" ;;
+    context-sweep) step context-sweep 120 python3 bench/long_context.py sweep --seq 4096,16384,65536,1024 \
+        --tokens 16384 --steps 1 --json "$OUT/context-sweep.json" ;;
     context-1k|context-4k|context-16k|context-64k) local t=${1#context-}; t=${t%k}
         step "$1" 280 python3 bench/long_context.py sweep --seq $((t * 1024)) --tokens 16384 --json "$OUT/$1.json" ;;
-    max-context) step max-context 300 python3 bench/long_context.py max-context \
-        --seqs 16384,32768,65536,98304,131072 --json "$OUT/max-context.json" ;;
+    max-context) step max-context 110 python3 bench/long_context.py max-context \
+        --seqs 32768,65536,98304,131072 --bisect 1 --json "$OUT/max-context.json" ;;
     serve) step serve 200 python3 bench/serve_bench.py --layers 2 --experts 32 --hidden 2880 --intermediate 2880 \
         --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --requests 8 --max-tokens 128 --device cuda:0 \
         --start-timeout 100 --json "$OUT/serve.json" ;;

@@ -18,8 +18,8 @@ what SFTTrainer / QATSFTTrainer compute: engine/training/hf_trainer.loss_path). 
 Each step is forward + backward + AdamW step on random tokens; the model is random-init (speed does not depend on
 the values). The same optimizer and inputs for every path.
 
-Result: a table on stdout; --json FILE writes the same numbers (kept in docs/results/, summarised with the card
-and the date in docs/benchmarks.md).
+Result: a table on stdout; --json FILE writes the same numbers after every measurement (a run cut short by a time
+limit keeps what it measured; kept in docs/results/, summarised with the card and the date in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -244,40 +244,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.profile_paths = args.profile_paths.split(",")
+    measure_paths(args, argv if argv is not None else sys.argv[1:], [])
+    return 0
 
+
+def measure_paths(args, argv: list[str], results: list[dict]) -> list[dict]:
+    """Every path of `args.paths` at args.batch x args.seq, appended to `results` (each row names its batch and
+    seq, so one list can hold a context sweep); the table and the JSON follow every measurement."""
+    args.profile_paths = args.profile_paths.split(",") if isinstance(args.profile_paths, str) else args.profile_paths
     torch.manual_seed(0)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    results = []
+    shown = len(results)
     for path in args.paths.split(","):
         if not args.same_process and "," in args.paths:
             # Measured: after a quantized path, the next path in the same process found the previous model's
             # weights (5.2 GiB) still allocated, so every quantized path but the first looked 1.19x heavier.
             # (Cause found later: pulp's import-time exceptions pinned the frames; engine/fp4/import_leaks.py.)
-            results.append(measure_in_subprocess(path, argv if argv is not None else sys.argv[1:]))
-            print_table(results, args)
-            continue
-        try:
-            results.append(measure(path, args, batch))
-        except torch.OutOfMemoryError as exc:
-            results.append({"path": path, "error": f"out of memory: {str(exc)[:200]}"})
-            gc.collect()
-            torch.cuda.empty_cache()
-        except Exception as exc:  # noqa: BLE001 - one broken path must not lose the others' numbers
-            results.append({"path": path, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
-        print_table(results, args)
-    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__, "batch": args.batch, "seq": args.seq,
-            "layers": args.layers, "experts": args.experts, "date": time.strftime("%Y-%m-%d")}
-    try:
-        import modelopt
-        import transformers
+            row = measure_in_subprocess(path, argv)
+        else:
+            try:
+                row = measure(path, args, batch)
+            except torch.OutOfMemoryError as exc:
+                row = {"path": path, "error": f"out of memory: {str(exc)[:200]}"}
+            except Exception as exc:  # noqa: BLE001 - one broken path must not lose the others' numbers
+                row = {"path": path, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            gc.collect()  # after an out-of-memory error too: its traceback no longer pins the step's tensors
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        results.append({**row, "batch": args.batch, "seq": args.seq})
+        print_table(results[shown:], args)
+        write_json(results, args)  # after every measurement: a run cut short by its time limit keeps its rows
+    return results
 
-        meta.update(transformers=transformers.__version__, modelopt=modelopt.__version__)
-    except ImportError:
-        pass
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    return 0
+
+def write_json(results: list[dict], args) -> None:
+    if not args.json:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+            "batch": args.batch, "seq": args.seq, "layers": args.layers, "experts": args.experts,
+            "date": time.strftime("%Y-%m-%d")}
+    for package in ("transformers", "nvidia-modelopt", "trl"):  # versions without importing modelopt (~28 s cold)
+        try:
+            meta[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 
 def measure_in_subprocess(path: str, argv: list[str]) -> dict:

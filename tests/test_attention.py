@@ -127,9 +127,21 @@ def test_a_window_of_n_plus_one_keys_would_be_caught():
     assert diff > 1e-3
 
 
+def test_auto_follows_the_one_switch_on_cuda_and_stays_eager_on_cpu(monkeypatch):
+    for switch in (False, True):
+        monkeypatch.setattr(attention, "AUTO_FLEX_ON_CUDA", switch)
+        assert attention.resolve("auto", "cpu") == "eager"
+        assert attention.resolve("auto", torch.device("cpu")) == "eager"
+        assert attention.resolve("auto", "cuda:0") == ("flex" if switch else "eager")
+        assert attention.resolve("eager", "cuda") == "eager" and attention.resolve("flex", "cuda") == "flex"
+        model = tiny_gpt_oss(window=5)
+        assert attention.use(model, "auto", "cpu", log=lambda _: None) == "eager"
+        assert model.config._attn_implementation == "eager"
+
+
 def test_resolve_and_use_back_to_eager():
     assert attention.resolve("auto", "cpu") == "eager"
-    assert attention.resolve("auto", "cuda") == "eager"  # until flex has run on a GPU (issue 14)
+    assert attention.resolve("auto", "cuda") == "flex"  # since flex passed its GPU tests (issue 14)
     assert attention.resolve("flex", "cpu") == "flex"
     with pytest.raises(ValueError, match="hardware.attention"):
         attention.resolve("sdpa", "cpu")
@@ -137,3 +149,100 @@ def test_resolve_and_use_back_to_eager():
     attention.use(model, "flex", "cpu", log=lambda _: None)
     assert attention.use(model, "auto", "cpu") == "eager"
     assert model.config._attn_implementation == "eager"
+
+
+def test_use_fails_loudly_when_transformers_keeps_the_model_on_eager(monkeypatch):
+    """transformers only logs a warning when a class cannot switch its attention (its modelling file does not go
+    through the AttentionInterface): training would then run eager while the log says flex."""
+    from transformers import GptOssForCausalLM
+
+    model = tiny_gpt_oss(window=5)
+    monkeypatch.setattr(GptOssForCausalLM, "_can_set_attn_implementation", classmethod(lambda cls: False))
+    with pytest.raises(RuntimeError, match="hardware.attention to eager"):
+        attention.use(model, "flex", "cpu", log=lambda _: None)
+    assert model.config._attn_implementation == "eager"
+
+
+def padded_batches(lengths, vocab: int = 97, seed: int = 4):
+    """Batches of 2 rows padded to varying lengths (as TRL pads to the longest example), alternately with and
+    without right padding."""
+    gen = torch.Generator().manual_seed(seed)
+    for i, length in enumerate(lengths):
+        ids = torch.randint(0, vocab, (2, length), generator=gen)
+        mask = torch.ones(2, length, dtype=torch.long)
+        if i % 2 == 0:
+            mask[1, length - 5:] = 0
+        yield ids, mask
+
+
+def test_compiled_flex_stays_compiled_across_layer_types_padding_and_lengths(monkeypatch):
+    """Batches of 7 lengths (140..300), padded or not, through a sliding and a full layer: compiled flex_attention
+    traces 3 graphs (the first shape static; then the length dynamic; then the block count too) and stays far from
+    torch's recompile limit (8), past which it would run uncompiled and materialise the scores. With transformers'
+    own flex masks (a mask_mod whose code differs per layer type and padding) the same batches hit the limit.
+    Dynamo's guards are the same whatever the backend, so a counting backend finds them on CPU in seconds; the
+    CUDA code path (`_flex_compiled`) is what runs."""
+    from torch._dynamo.testing import CompileCounter
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch._dynamo.reset()
+    graphs = CompileCounter()  # a backend that counts the graphs it is given and runs them as they are
+    compiled = torch.compile(flex_attention, backend=graphs)
+    monkeypatch.setattr(attention, "_compiled", lambda: compiled)
+    monkeypatch.setattr(attention, "_flex_dense", attention._flex_compiled)
+    model = tiny_gpt_oss(window=8)
+    attention.use(model, "flex", "cpu", log=lambda _: None)
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            for ids, mask in padded_batches((140, 140, 170, 200, 230, 260, 300)):
+                model(input_ids=ids, attention_mask=mask)
+        assert graphs.frame_count == 3
+    finally:
+        torch._dynamo.reset()
+
+
+def test_masks_other_than_causal_and_sliding_are_refused():
+    from transformers.masking_utils import and_masks, causal_mask_function, sliding_window_causal_mask_function
+
+    assert attention._window_of(causal_mask_function, 128) is None
+    assert attention._window_of(sliding_window_causal_mask_function(128), 128) == 128
+    documents = torch.tensor([[0] * 10 + [1] * 290])  # packed sequences: a mask over captured tensors
+    packed = and_masks(causal_mask_function, lambda b, h, q, kv: documents[b, q] == documents[b, kv])
+    with pytest.raises(ValueError, match="hardware.attention eager"):
+        attention._window_of(packed, 128)
+    with pytest.raises(ValueError, match="hardware.attention eager"):
+        attention._window_of(sliding_window_causal_mask_function(129), 128)  # 129 keys: flex's example, not gpt-oss
+    model = tiny_gpt_oss(window=5)
+    attention.use(model, "flex", "cpu", log=lambda _: None)
+    with pytest.raises(ValueError, match="no KV cache"):  # generation with a cache is not what this kernel is for
+        model.generate(torch.randint(0, 97, (1, 8)), max_new_tokens=2, do_sample=False)
+
+
+def test_quantized_model_with_fast_experts_runs_our_kernel_in_both_layers(monkeypatch):
+    """The QAT model (modelopt quantizers, our fast experts path; modelopt wraps the attention modules and swaps the
+    attention function per forward) with flex attention: our kernel runs in both layers, and the loss and every
+    gradient are eager's."""
+    from engine.fp4 import fast_experts, modelopt_glue
+
+    ids = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    mask[2, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    eager = modelopt_glue.quantize(tiny_gpt_oss(window=5), "mxfp4", lambda m: m(input_ids=ids, attention_mask=mask),
+                                   modelopt_glue.resolve_backend("torch", "cpu"))
+    assert fast_experts.enable(eager) == 2
+    flex = copy.deepcopy(eager)
+    assert attention.use(flex, "flex", "cpu", log=lambda _: None) == "flex"
+    calls = []
+    original = attention.sink_attention
+    monkeypatch.setattr(attention, "sink_attention", lambda *a: calls.append(a[0].shape) or original(*a))
+    losses = {}
+    for name, model in (("eager", eager), ("flex", flex)):
+        losses[name] = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        losses[name].backward()
+    assert len(calls) == 2  # one per layer (sliding, full), and none for eager
+    torch.testing.assert_close(losses["flex"], losses["eager"], rtol=1e-6, atol=1e-6)
+    for (name, p), (_, q) in zip(eager.named_parameters(), flex.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -97,13 +97,30 @@ def test_flex_attention_and_chunked_loss_drop_the_scores_and_the_logits():
     new = activation_bytes(c, 1, 65536, True, "flex", chunked_loss=True, lm_head_trains=False)
     assert eager["logits"] == 65536 * 201088 * 6
     assert new["logits"] == 4096 * 32768 * 2 + 65536 * 2880 * 6
-    assert eager["layers"] - new["layers"] == 64 * 65536 * 65536 * 6 - 64 * 65536 * 8
+    assert eager["layers"] - new["layers"] == 64 * 65536 * 65536 * 6 - 65536 * 64 * (2 * 64 + 8)
     lora_long = estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141, attention="flex",
                          chunked_loss=True)
     assert lora_long["verdict"] == "fits"
     assert estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141)["verdict"] == "does not fit"
     with pytest.raises(ValueError, match="attention"):
         estimate("gpt-oss-20b", attention="sdpa")
+
+
+def test_flex_attention_time_counts_only_the_blocks_its_mask_keeps():
+    """eager multiplies every query with every key in all 24 layers; flex skips masked 128 x 128 blocks: half of a
+    causal layer (plus the diagonal blocks), the 128-key window (plus one block) of a sliding one."""
+    from engine.training.estimate import attended_keys, load_config
+
+    c = load_config("gpt-oss-20b")
+    assert attended_keys(c, 65536, "eager") == 24 * 65536
+    assert attended_keys(c, 65536, "flex") == 12 * (65536 / 2 + 64) + 12 * 256
+    assert attended_keys(c, 64, "flex") == 24 * 64  # shorter than a block: every key, as eager
+    eager = estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141)["time"]
+    flex = estimate("gpt-oss-20b", "lora", 1, "single", seq=65536, gpu_memory_gib=141, attention="flex")["time"]
+    attention_flops = 12 * 64 * 64  # per key and token: QK^T and PV, forward and backward, 64 heads of 64
+    assert eager["flops_per_token"] - flex["flops_per_token"] == attention_flops * (24 * 65536 - (
+        12 * (65536 / 2 + 64) + 12 * 256))
+    assert flex["step_s"] < 0.5 * eager["step_s"]  # at 64k attention is most of eager's step
 
 
 def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
@@ -113,7 +130,7 @@ def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
     recipe = Recipe.model_validate({"model": {"source": "gpt-oss-20b"}, "data": {"max_length": 16384},
                                     "sft": {"lora": True}})
     on_gpu = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
-    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("eager", True)  # auto: eager until flex ran on a GPU
+    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("flex", True)  # auto on CUDA: flex (the trainer's rule)
     recipe.hardware.attention = "flex"
     flex = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
     assert flex["attention"] == "flex"

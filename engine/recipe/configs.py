@@ -192,8 +192,8 @@ class HardwareConfig(StageConfig):
         "auto",
         description="Attention kernel for SFT and QAT: 'flex' (PyTorch flex_attention, compiled on CUDA: gpt-oss's "
         "sinks, 128-token sliding window and GQA in one fused kernel that never builds the [batch, heads, T, T] "
-        "scores: long contexts fit), 'eager' (transformers' reference; memory grows with T squared), 'auto' (eager "
-        "until flex has passed its GPU tests; then flex on CUDA). On CPU 'flex' runs flex's unfused reference (as slow as eager; for checks only).",
+        "scores: long contexts fit), 'eager' (transformers' reference; memory grows with T squared), 'auto' (flex "
+        "on CUDA, eager on CPU). On CPU 'flex' runs flex's unfused reference (as slow as eager; for checks only).",
     )
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -15,11 +15,12 @@ H200 (torch 2.11, /work/shared/NOTES.md): output and q/k/v/sink gradients within
 
 Why not transformers' own "flex_attention" (which also renormalises by the sink through the lse): it rounds the
 lse to the model dtype (bf16) before the renormalisation, and it refuses sinks on CPU. Ours keeps the lse and the
-gate in fp32 and reuses transformers' flex *masks*: the name we register is mapped to transformers'
-`flex_attention_mask` in its mask registry, so the BlockMask comes from the same mask functions that build eager's
-mask (`kv_idx <= q_idx` and `kv_idx > q_idx - sliding_window`: 128 keys in the window, the query's own included;
-flex's own sliding-window example attends to 129) and from the same padding mask. GQA: `enable_gqa=True`, K/V are
-never repeated.
+gate in fp32, and registers its own mask builder (`block_mask`) under the same name in transformers' mask registry:
+transformers still decides, per layer type, which mask a layer gets, and the BlockMask holds eager's predicate
+(`kv_idx <= q_idx`, `q_idx - kv_idx < sliding_window`: 128 keys in the window, the query's own included; flex's own
+sliding-window example attends to 129) and the same padding mask, in one fixed form that compiles once (see
+`block_mask`: transformers' `flex_attention_mask` recompiles per layer type and padding). GQA: `enable_gqa=True`,
+K/V are never repeated.
 
 Devices. On CUDA, `torch.compile(flex_attention)`. torch's public flex_attention refuses backward on CPU (2.13:
 "FlexAttention does not support backward on CPU", compiled or not); there we call its dense reference (the flex
@@ -37,30 +38,93 @@ import torch
 
 NAME = "gpt_oss_flex"  # the attn_implementation name registered with transformers
 CHOICES = ("auto", "eager", "flex")
+# The one switch for `hardware.attention: auto` (issue 14): False keeps eager everywhere; True makes 'auto' flex on
+# CUDA. On since tests/test_attention_gpu.py passed on a GPU (bench/device.sh attention-tests). CPU stays eager.
+AUTO_FLEX_ON_CUDA = True
 
 
 def resolve(choice: str, device: torch.device | str) -> str:
-    """'eager' or 'flex' for a recipe's `hardware.attention` on `device`.
+    """'eager' or 'flex' for a recipe's `hardware.attention` on `device` (the trainer and the estimator both ask here).
 
-    'auto' is eager everywhere for now: flex has passed its CPU tests but has not yet run on a GPU, and a parallel
-    branch found that transformers' mask closures (different per layer type and padding) can exceed torch's
-    recompile limit with varying batch lengths, after which flex runs uncompiled with the full score matrix.
-    'auto' turns to flex on CUDA once tests/test_attention_gpu.py and the long-context bench have run (issue 14)."""
+    'auto' is flex on CUDA only when AUTO_FLEX_ON_CUDA is set, eager otherwise: on CPU flex has no compiled
+    backward (its dense reference is as slow as eager), so the CPU path stays eager and bit-identical."""
     if choice not in CHOICES:
         raise ValueError(f"hardware.attention must be one of {CHOICES}, not {choice!r}")
     if choice == "auto":
-        return "eager"
+        return "flex" if AUTO_FLEX_ON_CUDA and torch.device(device).type == "cuda" else "eager"
     return choice
 
 
 def register() -> str:
     """Register our attention and its mask builder with transformers (idempotent); returns the name to use."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, sink_flex_attention)
-    AttentionMaskInterface.register(NAME, flex_attention_mask)
+    AttentionMaskInterface.register(NAME, block_mask)
     return NAME
+
+
+def block_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
+               device="cpu", config=None, **kwargs):
+    """The BlockMask for one of transformers' mask calls (its AttentionMaskInterface signature): causal or causal +
+    sliding window, AND the 2-D padding mask, with one mask_mod of a fixed form for every layer type and batch.
+
+    Why not transformers' `flex_attention_mask`: it composes closures that differ between full and sliding layers
+    and between padded and unpadded batches, and compiled flex_attention guards on the mask_mod's code, so each
+    combination compiles anew; with lengths varying per batch (static, then dynamic shapes) that reaches torch's
+    recompile limit (8), after which flex runs uncompiled, materialising the scores. Counted on CPU with a counting
+    backend over the batches of tests/test_attention.py (lengths 140..300, padded or not): transformers' masks reach
+    the limit; this mask stays at 3 graphs (static, dynamic length, dynamic block count). The window and padding
+    travel as tensors, which the guards check by shape only.
+    `mask_function` (transformers' causal or sliding-window function) is only read to learn which of the two this
+    call is, on an index grid; anything else (packed sequences, overlays) is refused rather than silently dropped.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if q_offset or kv_offset:
+        raise ValueError(f"{NAME} is for training: no KV cache (got offsets {q_offset}, {kv_offset})")
+    window = _window_of(mask_function, getattr(config, "sliding_window", None))
+    if attention_mask is None:
+        padding = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    else:
+        if attention_mask.shape[-1] != kv_length:
+            raise ValueError(f"{NAME}: a padding mask of {attention_mask.shape[-1]} positions for {kv_length} keys "
+                             "(training runs without a KV cache: they must match)")
+        padding = attention_mask.bool().to(device)
+    limit = torch.tensor(window if window is not None else kv_length + 1, device=device)
+    compile_it = torch.device(device).type == "cuda"  # on CPU an Inductor C++ build per shape: 12 s vs 0.02 s
+    return create_block_mask(_mask_mod(padding, limit), batch_size, None, q_length, kv_length, device=device,
+                             _compile=compile_it)
+
+
+def _mask_mod(padding, window):
+    """kv <= q (causal), q - kv < window (gpt-oss: the window holds `window` keys, the query's own included),
+    and the key is not padding. One code object for every layer type and batch."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window) & padding[b, kv_idx]
+
+    return mask_mod
+
+
+def _window_of(mask_function, sliding_window: int | None) -> int | None:
+    """None if `mask_function` is transformers' causal mask, `sliding_window` if it is its sliding-window causal mask
+    (checked on a [2W+1]^2 index grid on CPU: no device sync); refuses anything else."""
+    from transformers.masking_utils import causal_mask_function
+
+    if mask_function is None or mask_function is causal_mask_function:
+        return None
+    if sliding_window:
+        n = 2 * sliding_window + 1
+        q_idx, kv_idx = torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+        try:
+            given = torch.as_tensor(mask_function(0, 0, q_idx, kv_idx)).bool()
+        except (IndexError, RuntimeError, TypeError):  # a function over captured tensors (packing, overlays)
+            given = None
+        if given is not None and torch.equal(given, (kv_idx <= q_idx) & (q_idx - kv_idx < sliding_window)):
+            return sliding_window
+    raise ValueError(f"{NAME} builds causal and sliding-window masks only; this model asked for another (packed "
+                     "sequences or a mask overlay): use hardware.attention eager")
 
 
 def use(model, choice: str, device: torch.device | str, log=print) -> str:
@@ -72,8 +136,11 @@ def use(model, choice: str, device: torch.device | str, log=print) -> str:
     if impl == "flex":
         register()
         base.set_attn_implementation(NAME)
+        if base.config._attn_implementation != NAME:  # transformers only warns when a class cannot switch
+            raise RuntimeError(f"{type(base).__name__} did not switch to {NAME} (it stayed on "
+                               f"{base.config._attn_implementation!r}): set hardware.attention to eager")
         where = "compiled flex_attention" if torch.device(device).type == "cuda" else "flex's dense reference (CPU)"
-        log(f"attention: {NAME} ({where}; sinks through the LSE, transformers' causal / sliding-window / padding masks)")
+        log(f"attention: {NAME} ({where}; sinks through the LSE, causal / sliding-window / padding BlockMasks)")
     else:
         base.set_attn_implementation("eager")
     return impl

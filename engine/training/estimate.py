@@ -17,8 +17,8 @@ The model is a config dict (config.json's keys), a path to a checkpoint dir / co
   activations (bf16, t = batch * seq tokens per GPU):
       per layer     t * (18 H + 4 k I) * 2          hidden-size tensors, plus the k routed experts' 2I + I outputs
       attention     batch * heads * seq^2 * 6       eager attention keeps scores and probs
-                    batch * heads * seq * 8         flex attention (hardware.attention; engine/training/attention.py):
-                                                    no scores, only the fp32 lse and sink gate per query
+                    t * heads * (2 head_dim + 8)    flex attention (hardware.attention; engine/training/attention.py):
+                                                    no scores: flex's bf16 output, the fp32 lse and sink gate
       logits        t * vocab * 6                   full-logits loss: bf16 logits and their fp32 upcast
                     4096 * 32768 * 2 + t * H * 6    chunked loss (hardware.chunked_loss, TRL's fused LM head): one
                     (+ vocab * H * 4 when lm_head   [4096 tokens, 32768 vocab] tile, the selected hidden states and
@@ -29,7 +29,8 @@ Calibration: docs/benchmarks.md measured 28.3 GiB peak for a 2-layer gpt-oss-20b
 checkpointing, bf16, AdamW); this formula gives 30.0 GiB without the overhead (tests/test_estimate.py). Expect +-20%.
 
 Time: 6 x active parameters FLOPs per token for full training (4x for LoRA: no weight gradients of the base) plus
-eager attention, at `mfu` (default 0.2: what our engine reached in that benchmark, 39k tokens/s on an H100) of the
+attention (QK^T and PV, forward and backward: eager computes every [T, T] score; flex skips the blocks its mask
+rules out: half of a full-attention layer's, all but the window of a sliding one), at `mfu` (default 0.2: what our engine reached in that benchmark, 39k tokens/s on an H100) of the
 card's bf16 peak. QAT on the engine's fast experts path costs about the same as SFT (1.07x, docs/benchmarks.md).
 """
 
@@ -45,7 +46,8 @@ FIT_MARGIN = 0.92  # "fits" below 92% of the card: fragmentation and peaks the f
 DEFAULT_GPU_GIB = 80.0  # an H100 / A100 80GB, when NVML is absent and no size is given
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0, "L40S": 362.0}
 ACT_HIDDEN, ACT_EXPERT, ATTN_BYTES, LOGIT_BYTES = 18, 4, 6, 6
-FLEX_BYTES_PER_QUERY = 8  # flex attention: the fp32 lse and the fp32 sink gate, per query and head
+FLEX_FP32_PER_QUERY = 8  # flex attention: the fp32 lse and the fp32 sink gate, per query and head
+FLEX_BLOCK = 128  # create_block_mask's default block size: flex skips or computes whole blocks
 LOSS_TILE_BYTES = 4096 * 32768 * 2  # TRL's chunked loss: one bf16 [tokens, vocab] tile (trl.kernels.chunked_logprob)
 STRATEGIES = ("single", "ddp", "fsdp2", "deepspeed_zero3")
 
@@ -129,7 +131,8 @@ def activation_bytes(c: dict, batch: int, seq: int, gradient_checkpointing: bool
     tokens, h = batch * seq, c["hidden_size"]
     layer = tokens * (ACT_HIDDEN * h + ACT_EXPERT * c["num_experts_per_tok"] * c["intermediate_size"]) * 2
     if attention_kind == "flex":
-        attention = batch * c["num_attention_heads"] * seq * FLEX_BYTES_PER_QUERY
+        hd = c.get("head_dim") or h // c["num_attention_heads"]
+        attention = tokens * c["num_attention_heads"] * (2 * hd + FLEX_FP32_PER_QUERY)
     else:
         attention = batch * c["num_attention_heads"] * seq * seq * ATTN_BYTES
     if chunked_loss:
@@ -179,12 +182,27 @@ def per_gpu(c: dict, counts: dict, method: str, gpus: int, strategy: str, batch:
 # ------------------------------------------------------------------------------------------------- time
 
 
+def attended_keys(c: dict, seq: int, attention: str) -> float:
+    """Keys each query multiplies with, summed over the layers: eager computes all `seq` of them in every layer;
+    flex skips the blocks (FLEX_BLOCK x FLEX_BLOCK) its mask rules out but computes partly masked ones whole: about
+    seq / 2 + one block in a full (causal) layer, the window + one block in a sliding one."""
+    layers = c["num_hidden_layers"]
+    if attention != "flex":
+        return layers * seq
+    types = c.get("layer_types") or ["sliding_attention", "full_attention"] * (layers // 2) + \
+        ["sliding_attention"] * (layers % 2)  # gpt-oss alternates, sliding first
+    sliding = sum(t == "sliding_attention" for t in types)
+    window = c.get("sliding_window") or 128
+    full = min(seq, seq / 2 + FLEX_BLOCK / 2)
+    return (layers - sliding) * full + sliding * min(seq, window + FLEX_BLOCK)
+
+
 def step_time(c: dict, counts: dict, method: str, gpus: int, batch: int, seq: int, mfu: float,
-              peak_tflops: float) -> dict:
+              peak_tflops: float, attention: str = "eager") -> dict:
     """Seconds per optimizer step with one micro-batch of `batch` x `seq` per GPU, and tokens/s over all GPUs."""
     per_token = (6 if method == "full" else 4) * active_parameters(c, counts)
     hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    per_token += 12 * c["num_hidden_layers"] * seq * c["num_attention_heads"] * hd  # QK^T and PV, fwd + bwd
+    per_token += 12 * attended_keys(c, seq, attention) * c["num_attention_heads"] * hd  # QK^T and PV, fwd + bwd
     seconds = batch * seq * per_token / (peak_tflops * 1e12 * mfu)
     return {"flops_per_token": per_token, "step_s": round(seconds, 3),
             "tokens_per_s": round(gpus * batch * seq / seconds), "mfu": mfu, "peak_tflops": peak_tflops}
@@ -224,7 +242,7 @@ def estimate(model: dict | str | Path, method: str = "full", gpus: int = 1, stra
         "method": method, "gpus": gpus, "strategy": strategy, "batch": batch, "seq": seq, "dtype": dtype,
         "attention": attention, "chunked_loss": chunked_loss,
         "per_gpu_gib": mem, "available_gib": round(available, 2), "available_source": source, "verdict": verdict,
-        "time": step_time(c, counts, method, gpus, batch, seq, mfu, peak_tflops_for(source)),
+        "time": step_time(c, counts, method, gpus, batch, seq, mfu, peak_tflops_for(source), attention),
     }
     result["suggestions"] = [] if verdict == "fits" else _suggestions(memory, mem, method, gpus, available,
                                                                       gradient_checkpointing, batch)
@@ -301,7 +319,9 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
             raise ValueError(f"model.source: {source!r}: no config.json to size it from; estimates know local "
                              f"checkpoint dirs and {', '.join(KNOWN)}") from None
     dtype = {"bfloat16": "bfloat16", "float32": "float32"}.get(recipe.model.dtype, "bfloat16" if cuda else "float32")
-    attention = hw.attention if hw.attention != "auto" else "eager"  # engine/training/attention.py: resolve
+    from engine.training.attention import resolve  # what the trainer runs (imports torch: on the button's click)
+
+    attention = resolve(hw.attention, "cuda" if cuda else "cpu")
     chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
     return estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
                     strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,

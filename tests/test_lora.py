@@ -1,5 +1,6 @@
 """LoRA SFT then LoRA QAT from a gpt-oss MXFP4 checkpoint, adapters on attention and on the experts of one layer,
-merged and exported; the export must hold exactly the weights the adapted QAT model computed with."""
+merged and exported; the export must hold exactly the weights the adapted QAT model computed with. The LoRA stages
+and PTQ keep adapters / quantizers and a pointer, never a whole copy of the model (engine/training/stage_outputs.py)."""
 
 from __future__ import annotations
 
@@ -57,14 +58,16 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         run = dict(run_id=ctx.run_id)
         sft.run(stage_context(store, ctx.run_dir, recipe, "sft", **run))
         base = model_io.load_model(checkpoint, torch.float32, torch.device("cpu"))
-        tuned = model_io.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
+        tuned, _ = _open(ctx, "sft")  # the base with the saved adapters merged
         changed = {n for n in EXPERTS if not torch.equal(base.get_parameter(n), tuned.get_parameter(n))}
         assert changed == {EXPERTS[2], EXPERTS[3]}  # merged adapters on layer 1's experts only
         q_proj = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(base.get_parameter(q_proj), tuned.get_parameter(q_proj))  # attention adapters merged
-        assert "lora" not in str(list(load_file(str(ctx.model_dir("sft") / "model.safetensors")))).lower()
+        assert not any("lora" in n for n, _ in tuned.named_parameters())
+        assert_no_model_copy(ctx.model_dir("sft"), checkpoint)
 
         ptq.run(stage_context(store, ctx.run_dir, recipe, "ptq", "mxfp4", **run))
+        assert_no_model_copy(ctx.model_dir("ptq:mxfp4"), checkpoint)
         qat_ctx = stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run)
         collects = []
         real_collect = gc.collect
@@ -72,14 +75,17 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
             patch.setattr(gc, "collect", lambda *a, **k: collects.append(1) or real_collect(*a, **k))
             qat.run(qat_ctx)
         assert len(collects) < recipe.qat.max_steps  # no gc.collect() per step (engine/stages/qat.py says why)
+        assert_no_model_copy(ctx.model_dir("qat:mxfp4"), checkpoint)
+        for step in (ctx.run_dir / "checkpoints" / "qat-mxfp4").glob("checkpoint-*"):  # resumable, adapters only
+            assert_no_model_copy(step, checkpoint)
 
         # What the adapted model computed with: the PTQ model + the last QAT checkpoint (adapters and all, as a
         # resume loads it), fake_quant(W + BA).
         adapted, _ = _open(ctx, "ptq:mxfp4")
         lora.add_adapters(adapted, recipe.qat)
-        state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "model.safetensors"))
+        state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "trainable.safetensors"))
         missing, unexpected = adapted.load_state_dict(state, strict=False)
-        assert not unexpected and not [k for k in missing if "lora" in k or "weight" in k]
+        assert not unexpected and set(state) == {n for n, p in adapted.named_parameters() if p.requires_grad}
         trained_b = [p for n, p in adapted.named_parameters() if "experts" in n and "lora_B" in n]
         assert len(trained_b) == 2 and all(p.abs().sum() > 0 for p in trained_b)  # the expert adapters did train
         computed = lora.quantized_weights_with_adapters(adapted)
@@ -98,6 +104,15 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
                                quantization_config=Mxfp4Config(dequantize=True))
         for name in EXPERTS:
             assert torch.equal(reloaded.get_parameter(name).float(), effective[name]), name
+
+
+def assert_no_model_copy(directory, checkpoint) -> None:
+    """A LoRA / PTQ stage's output holds no model weights file and a small fraction of the model's bytes."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if p.name.startswith("model") and p.suffix == ".safetensors"]
+    written = sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".pth", ".bin", ".pt"))
+    model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    assert written < 0.25 * model_bytes, (directory, written, model_bytes)
 
 
 def _open(ctx, key: str):

@@ -63,11 +63,12 @@ def release_models(models: dict) -> None:
 
 
 def _load(ctx: Context, key: str):
+    from engine.training import stage_outputs
+
     path = model_path(ctx, key)
     trust = ctx.recipe.model.trust_remote_code
-    quantized = (Path(path) / "modelopt_state.pth").exists()
-    model = model_io.load_model(path, ctx.dtype, ctx.device, backend=backend(ctx) if quantized else None,
-                                trust_remote_code=trust)
+    # A stage that kept only adapters / quantizers is rebuilt from its parent (engine/training/stage_outputs.py).
+    model = stage_outputs.load(ctx.run_dir, key, ctx.dtype, ctx.device, backend(ctx), trust_remote_code=trust)
     if model_io.is_modelopt_model(model) and ctx.recipe.hardware.fp4_backend == "auto":
         from engine.fp4 import fast_experts
 

@@ -41,14 +41,19 @@ def test_v1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
     assert migrate(old, target=1) == [1]
     old["runs"].insert({"id": "20240101-000000-abcd", "name": "legacy", "recipe_json": '{"lr": 0.1}',
                         "status": "succeeded", "created_at": 1.0})
+    job = old["jobs"].insert({"run_id": "20240101-000000-abcd", "stage": "sft", "status": "succeeded",
+                              "created_at": 1.0}).last_pk
     old.conn.close()
     assert "telemetry" not in _tables(path)
 
     with Store(path) as store:
-        assert schema_version(store.db) == SCHEMA_VERSION == 3
+        assert schema_version(store.db) == SCHEMA_VERSION == 4
         run = store.get_run("20240101-000000-abcd")
         assert run["name"] == "legacy" and run["recipe"] == {"lr": 0.1}
         store.add_telemetry({"gpu": 1})  # v2 tables are usable
+        assert store.get_job(job)["timing"] is None  # v4: jobs that ran before have no timing
+        store.update_job(job, timing={"load_s": 1.5})
+        assert store.get_job(job)["timing"] == {"load_s": 1.5}
     assert {"telemetry", "engines", "servers", "apps"} <= _tables(path)
     with Store(path) as again:  # re-opening applies nothing and loses nothing
         assert migrate(again.db) == [] and len(again.list_runs()) == 1

@@ -41,8 +41,9 @@ def open_model(ctx: Context, key: str, consume: bool = False):
     if cached is not None:
         ctx.log(f"reusing {key}'s model, loaded by the previous job of this process")
         return cached
-    release_models(ctx.models)  # one model at a time: free the last one before loading another
-    model, tokenizer = _load(ctx, key)
+    with ctx.phase("load"):  # the job's timing counts loading apart from compute
+        release_models(ctx.models)  # one model at a time: free the last one before loading another
+        model, tokenizer = _load(ctx, key)
     if not consume:
         ctx.models[key] = (model, tokenizer)
     return model, tokenizer

@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.runtime import distributed, failure_hints, processes, workspace
 from engine.recipe.configs import Recipe
 from engine.runtime.context import Context, pick_device
+from engine.runtime.job_timing import JobTiming, process_start_time
 from storage import Store
 
 
@@ -55,6 +56,7 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
     """Run one job's stage and record its outcome; 0 on success."""
     run = store.get_run(job["run_id"])
     started = time.time()
+    timing = JobTiming(process_start_time(), Path(run["run_dir"]) if run.get("run_dir") else None)
     rank, main = distributed.rank(), distributed.is_main_process()
     where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
     print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",
@@ -62,12 +64,15 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
     try:
         recipe = Recipe.model_validate(run["recipe"])
         device = _rank_device(pick_device(recipe, job["resources"]))
-        ctx = Context(store, workdir, run, job, recipe, device, models=models)
+        ctx = Context(store, workdir, run, job, recipe, device, models=models, timing=timing)
         from engine.stages import stage_function
 
-        result = stage_function(job["stage"])(ctx) or {}
+        stage = stage_function(job["stage"])  # imports the stage's module: part of start + imports
+        timing.stage_begins()
+        result = stage(ctx) or {}
+        timing.stage_ends()
         if main:
-            store.update_job(job["id"], progress=1.0, message=_summary(result))
+            store.update_job(job["id"], progress=1.0, message=_summary(result), timing=timing.result())
             store.finish_job(job["id"], "succeeded")
             print(f"== job {job['id']} succeeded (recorded by rank {rank})", flush=True)
         print(f"== done in {time.time() - started:.1f} s: {json.dumps(result, default=str)[:2000]}", flush=True)
@@ -78,6 +83,7 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
         print(detail, file=sys.stderr, flush=True)
         message = failure_hints.explain(exc, detail)
         if store.get_job(job["id"])["status"] == "running":  # first failure wins: later ranks fail because of it
+            store.update_job(job["id"], timing=timing.result())  # where the time went until it failed
             store.finish_job(job["id"], "failed", error=f"{where}{message}", error_detail=detail[-6000:])
             main = True  # this rank recorded the outcome: it refreshes the run below
         return 1

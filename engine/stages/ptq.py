@@ -30,7 +30,8 @@ def run(ctx: Context) -> dict:
     summary = modelopt_glue.quant_summary(model)
     out = ctx.model_dir(f"ptq:{fmt}")
     # The quantizers only, and a pointer to `source`: calibration changes no weight (engine/training/stage_outputs.py).
-    stage_outputs.save_quantized(out, source, model, tokenizer)
+    with ctx.phase("save"):
+        stage_outputs.save_quantized(out, source, model, tokenizer)
     (out / "quant_summary.json").write_text(json.dumps(summary, indent=1))
     enabled = [row for row in summary if row["enabled"]]
     return {"format": fmt, "quantizers_enabled": len(enabled), "quantizers_total": len(summary)}

@@ -25,8 +25,9 @@ def run(ctx: Context) -> dict:
                                     quant_args=None)  # already quantized by the PTQ stage
     metrics = hf_trainer.train(trainer, ctx, out)
     # LoRA: the adapters + quantizer buffers and a pointer to the PTQ model; merged when a later stage loads it.
-    hf_trainer.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"),
-                          adapters_of=f"ptq:{fmt}" if adapters is not None else None, adapters=adapters)
+    with ctx.phase("save"):
+        hf_trainer.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"),
+                              adapters_of=f"ptq:{fmt}" if adapters is not None else None, adapters=adapters)
     return hf_trainer.stage_result(metrics)
 
 

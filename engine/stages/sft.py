@@ -23,5 +23,6 @@ def run(ctx: Context) -> dict:
                                     peft_config=lora.lora_config(cfg, model) if cfg.lora else None)
     metrics = hf_trainer.train(trainer, ctx, out)
     # LoRA: the adapters and a pointer to the base (engine/training/stage_outputs.py), not a merged copy.
-    hf_trainer.save_final(trainer, tokenizer, ctx.model_dir("sft"), adapters_of="prepare" if cfg.lora else None)
+    with ctx.phase("save"):
+        hf_trainer.save_final(trainer, tokenizer, ctx.model_dir("sft"), adapters_of="prepare" if cfg.lora else None)
     return hf_trainer.stage_result(metrics)

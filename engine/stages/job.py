@@ -23,7 +23,7 @@ from pathlib import Path
 from engine.runtime import distributed, failure_hints, processes, workspace
 from engine.recipe.configs import Recipe
 from engine.runtime.context import Context, pick_device
-from engine.runtime.job_timing import JobTiming, process_start_time
+from engine.runtime.job_timing import JobTiming, job_start_time
 from storage import Store
 
 
@@ -56,7 +56,7 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
     """Run one job's stage and record its outcome; 0 on success."""
     run = store.get_run(job["run_id"])
     started = time.time()
-    timing = JobTiming(process_start_time(), Path(run["run_dir"]) if run.get("run_dir") else None)
+    timing = JobTiming(job_start_time(), Path(run["run_dir"]) if run.get("run_dir") else None)
     rank, main = distributed.rank(), distributed.is_main_process()
     where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
     print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",

@@ -39,14 +39,16 @@ def test_phases_add_up(tmp_path):
     assert "load 0.2 s" in format_timing(result) and format_timing(None) == ""
 
 
-def test_only_a_process_s_first_job_pays_for_its_start(monkeypatch):
-    monkeypatch.setattr(job_timing, "_first_job_started", False)
-    first = job_timing.job_start_time()
+def test_only_a_process_s_first_job_pays_for_its_start():
+    first = job_timing.job_start_time({"started_at": time.time()}, chained=False)
     assert first < time.time() - 0.5  # this pytest process started well before (imports of torch and the tests)
-    assert abs(job_timing.job_start_time() - time.time()) < 0.1  # a chained job starts when it is claimed
+    claimed_at = time.time() - 3.0
+    assert job_timing.job_start_time({"started_at": claimed_at}, chained=True) == claimed_at  # its claim
 
 
 def test_job_processes_record_timing_shown_by_status_and_history(tmp_path):
+    """One job process: prepare, then the evaluation it chains into (engine/stages/job.py claim_next_job). The
+    first job pays the interpreter's start; the chained one is timed from its claim, so the two do not overlap."""
     checkpoint = tmp_path / "gpt-oss-mxfp4"
     make_mxfp4_checkpoint(checkpoint)
     train, held_out = make_small_data(tmp_path, train=16, held_out=4)
@@ -56,22 +58,27 @@ def test_job_processes_record_timing_shown_by_status_and_history(tmp_path):
     with Store(workdir / "studio.db") as store:
         run_id = store.create_run("timing", recipe.model_dump(mode="json"), run_dir=str(workdir / "runs" / "r"))
         prepare = store.add_job(run_id, "prepare", config={"key": "prepare"})
-        evaluate = store.add_job(run_id, "evaluate", target="prepare", config={"key": "evaluate:prepare"},
-                                 depends_on=[prepare])
-        for job in (prepare, evaluate):
-            store.update_job(job, status="running")
-            proc = subprocess.run([sys.executable, "-m", "engine.stages.job", "--workdir", str(workdir),
-                                   "--job", str(job)], cwd=REPO, capture_output=True, text=True, timeout=600)
-            assert proc.returncode == 0, proc.stdout + proc.stderr
-        timings = {j["config"]["key"]: j["timing"] for j in store.list_jobs(run_id)}
+        store.add_job(run_id, "evaluate", target="prepare", config={"key": "evaluate:prepare"}, depends_on=[prepare])
+        store.update_job(prepare, status="running")
+        began = time.time()
+        proc = subprocess.run([sys.executable, "-m", "engine.stages.job", "--workdir", str(workdir),
+                               "--job", str(prepare)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        lifetime = time.time() - began
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        jobs = {j["config"]["key"]: j for j in store.list_jobs(run_id)}
+        timings = {key: job["timing"] for key, job in jobs.items()}
 
+    assert all(job["status"] == "succeeded" for job in jobs.values()), jobs
     for key, timing in timings.items():
-        assert timing["start_imports_s"] > 0.5, (key, timing)  # a fresh interpreter importing torch
         assert timing["compute_s"] > 0 and timing["peak_gpu_gib"] is None
         parts = sum(timing[k] for k in ("start_imports_s", "load_s", "compute_s", "save_s"))
         assert abs(parts - timing["total_s"]) < 0.1, (key, timing)
+    assert timings["prepare"]["start_imports_s"] > 0.5  # a fresh interpreter importing torch
     assert timings["prepare"]["load_s"] == 0  # it checks the checkpoint's files, loads no model
     assert timings["evaluate:prepare"]["load_s"] > 0  # it loads (and upcasts) the MXFP4 checkpoint
+    chained = jobs["evaluate:prepare"]  # timed from its claim (jobs.started_at) to its end, not from the process start
+    assert abs(timings["evaluate:prepare"]["total_s"] - (chained["ended_at"] - chained["started_at"])) < 0.5
+    assert timings["prepare"]["total_s"] + timings["evaluate:prepare"]["total_s"] <= lifetime
 
     status = launch(["--workdir", str(workdir), "status", run_id], timeout=300)
     assert status.returncode == 0, status.stderr

@@ -133,6 +133,7 @@ def test_job_lifecycle_dependencies_skip_and_requeue(store: Store) -> None:
     assert store.claim_job(busy_resources={"cuda:0"}) is None  # sft's GPU is busy
     assert store.claim_job(busy_resources={"cuda:1"})["id"] == sft
 
+    store.update_job(sft, timing={"load_s": 2.0})  # where the failed attempt's time went
     store.finish_job(sft, "failed", "RuntimeError: CUDA OOM\n  at line 3\n  at line 4")
     failed = store.get_job(sft)
     assert failed["error"] == "RuntimeError: CUDA OOM" and "at line 4" in failed["error_detail"]
@@ -145,6 +146,7 @@ def test_job_lifecycle_dependencies_skip_and_requeue(store: Store) -> None:
     store.requeue_job(sft)  # resume: the job and everything skipped because of it go back in the queue
     assert [store.get_job(j)["status"] for j in (prep, sft, ptq, ev)] == ["succeeded", "queued", "queued", "queued"]
     assert store.get_job(sft)["error"] is None and store.get_job(sft)["ended_at"] is None
+    assert store.get_job(sft)["timing"] is None  # the last attempt's timing is not shown as this one's
     assert store.get_run(run)["status"] == "running" and store.get_run(run)["ended_at"] is None
     again = store.claim_job()
     assert again["id"] == sft and again["attempt"] == 2

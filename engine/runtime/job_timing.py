@@ -28,19 +28,18 @@ GIB = 1024**3
 PHASES = ("load", "save")
 
 
-_first_job_started = False
-
-
-def job_start_time() -> float:
-    """When this job's time began: the process's start for the first job a process runs (interpreter start and
-    imports are that job's cost), now for a job chained into a process that already ran one."""
-    global _first_job_started
-    if _first_job_started:
+def job_start_time(job: dict, chained: bool) -> float:
+    """When this job's time began. The first job of a process: the process's start (the interpreter and the
+    imports are that job's cost). A job chained into a process that already ran one (engine/stages/job.py
+    claim_next_job): its claim, the `started_at` that storage stamped when this process took it, so what it waited
+    for after the claim (the previous model released, its log opened) counts as its start."""
+    if chained and job.get("started_at"):
+        return float(job["started_at"])
+    if chained:
         return time.time()
-    _first_job_started = True
-    import psutil
+    from engine.runtime import processes
 
-    return psutil.Process(os.getpid()).create_time()
+    return processes.start_time(os.getpid()) or time.time()
 
 
 def directory_bytes(path: Path) -> int:

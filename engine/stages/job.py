@@ -43,20 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.world_size() > 1:  # the engine must reach every rank on a hard kill: each has its own session
         store.register_rank(job["id"], os.getpid(), processes.start_time(os.getpid()))
     models: dict = {}  # kept from one job of the chain to the next (engine/stages/common.py: open_model)
-    code = run_job(store, workdir, job, models)
+    code = run_job(store, workdir, job, models, chained=False)
     while code == 0:
         job = claim_next_job(store, job, models)
         if job is None:
             break
-        code = run_job(store, workdir, job, models)
+        code = run_job(store, workdir, job, models, chained=True)
     return code
 
 
-def run_job(store: Store, workdir, job: dict, models: dict) -> int:
-    """Run one job's stage and record its outcome; 0 on success."""
+def run_job(store: Store, workdir, job: dict, models: dict, chained: bool) -> int:
+    """Run one job's stage and record its outcome; 0 on success. `chained`: claimed by this process after another
+    job (claim_next_job), so its time starts at that claim, not at the process's start."""
     run = store.get_run(job["run_id"])
     started = time.time()
-    timing = JobTiming(job_start_time(), Path(run["run_dir"]) if run.get("run_dir") else None)
+    timing = JobTiming(job_start_time(job, chained), Path(run["run_dir"]) if run.get("run_dir") else None)
     rank, main = distributed.rank(), distributed.is_main_process()
     where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
     print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",

@@ -9,8 +9,10 @@
    adapters + PTQ quantizers + QAT adapters); per-job timing and peak disk printed, and written to $OUT.
 
 The device tool stops a command after 10 minutes, and a 20b run may take longer: the engine runs detached, so the
-test waits at most GPT_OSS_20B_WAIT_S (default 480 s) and, if the run is still going, fails saying so; the same
-command again finds the run in the workspace and keeps waiting (the peak disk is kept across calls in a file).
+test keeps to GPT_OSS_20B_BUDGET_S (default 500 s, the final checks' 150 s included) and, if the run is still going,
+fails saying so; the same command again finds the run in the workspace and keeps waiting (the peak disk is kept
+across calls in a file). It writes ~14 GB of checkpoint and ~26 GB of exports, so it runs only when asked:
+GPT_OSS_20B_RUN=1 (`bash bench/device.sh gpt-oss-20b`); `-m gpu` alone skips it with that reason.
 """
 
 from __future__ import annotations
@@ -33,12 +35,15 @@ from tests.helpers import launch
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)"),
+    pytest.mark.skipif(os.environ.get("GPT_OSS_20B_RUN") != "1",
+                       reason="writes ~40 GB and takes minutes: set GPT_OSS_20B_RUN=1 (bash bench/device.sh gpt-oss-20b)"),
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 WORKDIR = Path(os.environ.get("GPT_OSS_20B_WORKDIR", REPO / "workspace" / "gpt-oss-20b-test"))
 CHECKPOINT = Path(os.environ.get("GPT_OSS_20B_CHECKPOINT", REPO / "workspace" / "gpt-oss-20b-random"))
-WAIT_S = float(os.environ.get("GPT_OSS_20B_WAIT_S", "480"))
+BUDGET_S = float(os.environ.get("GPT_OSS_20B_BUDGET_S", "500"))
+CHECKS_S = 150  # kept for rebuilding the QAT model and comparing the export, after the run
 FEW_STEPS = ["--sft.max_steps", "4", "--sft.save_steps", "2", "--sft.eval_steps", "4",
              "--qat.max_steps", "2", "--qat.save_steps", "2", "--qat.eval_steps", "2",
              "--ptq.calib_size", "16", "--eval.max_examples_per_task", "16", "--eval.max_new_tokens", "32"]
@@ -119,18 +124,19 @@ def expert_weights_match_export(run_dir: Path, recipe) -> int:
 def test_gpt_oss_20b_recipe_on_one_gpu():
     from engine.recipe.configs import Recipe
 
+    started = time.time()
     generated_s = ensure_checkpoint()
     WORKDIR.mkdir(parents=True, exist_ok=True)
     store = Store(WORKDIR / "studio.db")
     run_id = start_or_find_run(store)
     run_dir = Path(store.get_run(run_id)["run_dir"])
     with DiskPeak(run_dir, WORKDIR / f"{run_id}.peak_bytes") as disk:
-        deadline = time.time() + WAIT_S
+        deadline = started + BUDGET_S - CHECKS_S
         while store.get_run(run_id)["status"] not in TERMINAL or any(
                 j["status"] in ("queued", "running") for j in store.list_jobs(run_id)):
             if time.time() > deadline:
                 jobs = {j["config"]["key"]: j["status"] for j in store.list_jobs(run_id)}
-                pytest.fail(f"run {run_id} still going after {WAIT_S:.0f} s (the engine goes on detached): run "
+                pytest.fail(f"run {run_id} still going after {time.time() - started:.0f} s (the engine goes on detached): run "
                             f"the same command again to keep waiting. Jobs: {jobs}")
             time.sleep(5)
     jobs = store.list_jobs(run_id)

@@ -76,6 +76,11 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
             qat.run(qat_ctx)
         assert len(collects) < recipe.qat.max_steps  # no gc.collect() per step (engine/stages/qat.py says why)
         assert_no_model_copy(ctx.model_dir("qat:mxfp4"), checkpoint)
+        # Resume from that adapters-only checkpoint (as after a kill at the end): the same adapters come back.
+        saved = load_file(str(ctx.model_dir("qat:mxfp4") / "adapter" / "adapter_model.safetensors"))
+        qat.run(stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run))
+        again = load_file(str(ctx.model_dir("qat:mxfp4") / "adapter" / "adapter_model.safetensors"))
+        assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
         for step in (ctx.run_dir / "checkpoints" / "qat-mxfp4").glob("checkpoint-*"):  # resumable, adapters only
             assert_no_model_copy(step, checkpoint)
 

@@ -44,7 +44,8 @@ def assets(tmp_path_factory):
     return root / "gpt-oss-mxfp4", train, held_out
 
 
-def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread, monkeypatch):
+def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread, monkeypatch,
+                                                                     capsys):
     from engine.stages import export, prepare, ptq, qat, sft
 
     checkpoint, train, held_out = assets
@@ -86,7 +87,7 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
 
         # What the adapted model computed with: the PTQ model + the last QAT checkpoint (adapters and all, as a
         # resume loads it), fake_quant(W + BA).
-        adapted, _ = _open(ctx, "ptq:mxfp4")
+        adapted, _ = _open(ctx, "ptq:mxfp4", consume=True)  # changed below: not kept for later opens (as QAT does)
         lora.add_adapters(adapted, recipe.qat)
         state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "trainable.safetensors"))
         missing, unexpected = adapted.load_state_dict(state, strict=False)
@@ -104,11 +105,41 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         with torch.no_grad():
             assert torch.allclose(adapted(input_ids=prompt).logits, merged(input_ids=prompt).logits, atol=1e-5)
 
+        for ancestor, key in (("prepare", "sft"), ("ptq:mxfp4", "qat:mxfp4")):
+            assert_built_on_the_kept_model(store, ctx, recipe, ancestor, key, capsys)
+
         export.run(stage_context(store, ctx.run_dir, recipe, "export", "mxfp4", target="qat:mxfp4", **run))
         reloaded = load_export(ctx.run_dir / "exports" / "mxfp4", torch.bfloat16,
                                quantization_config=Mxfp4Config(dequantize=True))
         for name in EXPERTS:
             assert torch.equal(reloaded.get_parameter(name).float(), effective[name]), name
+
+
+def assert_built_on_the_kept_model(store, ctx, recipe, ancestor: str, key: str, capsys) -> None:
+    """A chained job process (engine/stages/job.py) keeps the last model it loaded; opening a stage stored as
+    adapters / quantizers over that model builds on it instead of reading the base again, and gives exactly the
+    model a fresh load gives."""
+    from engine.stages.common import open_model
+
+    def job_context(models: dict):
+        job = stage_context(store, ctx.run_dir, recipe, "evaluate", target=key, run_id=ctx.run_id)
+        job.models = models
+        return job
+
+    chain: dict = {}
+    open_model(job_context(chain), ancestor)
+    assert list(chain) == [ancestor]
+    capsys.readouterr()
+    built, _ = open_model(job_context(chain), key)
+    assert f"building {key} on {ancestor}'s model" in capsys.readouterr().out
+    assert list(chain) == [key]  # the ancestor was changed in place: it is no longer offered as itself
+    fresh, _ = open_model(job_context({}), key)
+    built_state, fresh_state = built.state_dict(), fresh.state_dict()
+    assert built_state.keys() == fresh_state.keys()
+    assert all(torch.equal(built_state[k], fresh_state[k]) for k in fresh_state), key
+    prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(built.eval()(input_ids=prompt).logits, fresh.eval()(input_ids=prompt).logits), key
 
 
 def assert_no_model_copy(directory, checkpoint) -> None:
@@ -120,8 +151,8 @@ def assert_no_model_copy(directory, checkpoint) -> None:
     assert written < 0.25 * model_bytes, (directory, written, model_bytes)
 
 
-def _open(ctx, key: str):
+def _open(ctx, key: str, consume: bool = False):
     from engine.stages.common import open_model
 
-    model, tokenizer = open_model(ctx, key)
+    model, tokenizer = open_model(ctx, key, consume=consume)
     return model.eval(), tokenizer

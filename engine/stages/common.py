@@ -42,8 +42,9 @@ def open_model(ctx: Context, key: str, consume: bool = False):
         ctx.log(f"reusing {key}'s model, loaded by the previous job of this process")
         return cached
     with ctx.phase("load"):  # the job's timing counts loading apart from compute
+        kept = _take_ancestor(ctx, key)
         release_models(ctx.models)  # one model at a time: free the last one before loading another
-        model, tokenizer = _load(ctx, key)
+        model, tokenizer = _load(ctx, key, kept)
     if not consume:
         ctx.models[key] = (model, tokenizer)
     return model, tokenizer
@@ -63,13 +64,26 @@ def release_models(models: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def _load(ctx: Context, key: str):
+def _take_ancestor(ctx: Context, key: str) -> dict:
+    """{ancestor: model} when the model kept from the previous job is one `key` is built on (a LoRA SFT's base, the
+    PTQ model under a LoRA QAT): taken out of the cache, since building on it changes it. Else {}."""
+    from engine.training import stage_outputs
+
+    for ancestor in stage_outputs.lineage(ctx.run_dir, key)[1:]:
+        if ancestor in ctx.models:
+            ctx.log(f"building {key} on {ancestor}'s model, loaded by the previous job of this process")
+            return {ancestor: ctx.models.pop(ancestor)[0]}
+    return {}
+
+
+def _load(ctx: Context, key: str, kept: dict | None = None):
     from engine.training import stage_outputs
 
     path = model_path(ctx, key)
     trust = ctx.recipe.model.trust_remote_code
     # A stage that kept only adapters / quantizers is rebuilt from its parent (engine/training/stage_outputs.py).
-    model = stage_outputs.load(ctx.run_dir, key, ctx.dtype, ctx.device, backend(ctx), trust_remote_code=trust)
+    model = stage_outputs.load(ctx.run_dir, key, ctx.dtype, ctx.device, backend(ctx), trust_remote_code=trust,
+                               kept=kept)
     if model_io.is_modelopt_model(model) and ctx.recipe.hardware.fp4_backend == "auto":
         from engine.fp4 import fast_experts
 
@@ -77,6 +91,18 @@ def _load(ctx: Context, key: str):
         ctx.log(f"fast experts path on {switched} expert modules (fake quant once per forward, grouped_mm)")
     tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
     return model, tokenizer
+
+
+def reuses(needed: str | None, kept: str | None, run_dir: Path) -> int:
+    """How a job needing model `needed` uses the model `kept` in memory: 0 it is that model, 1 it is built on it
+    (stage_outputs.lineage), 2 not at all. claim_next_job takes the lowest first."""
+    from engine.training import stage_outputs
+
+    if kept is None or needed is None:
+        return 2
+    if needed == kept:
+        return 0
+    return 1 if kept in stage_outputs.lineage(run_dir, needed)[1:] else 2
 
 
 def model_needed(job: dict, recipe) -> str | None:

@@ -103,7 +103,7 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     launches them), runs with `hardware.reuse_process: false`, and anything after a failure (this process may be
     in a bad state: out of memory, say).
     """
-    from engine.stages.common import model_needed, release_models
+    from engine.stages.common import model_needed, release_models, reuses
 
     run = store.get_run(done["run_id"])
     recipe = Recipe.model_validate(run["recipe"])
@@ -112,18 +112,21 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     kept = next(iter(models), None)
     ready = [j for j in store.ready_jobs(run["id"], done["resources"])
              if not distributed.uses_accelerate(recipe, j["stage"])]
-    ready.sort(key=lambda j: (model_needed(j, recipe) != kept, j["id"]))  # the job that reuses the model first
+    run_dir = Path(run["run_dir"])
+    # The job that reuses the kept model first, then one built on it (a LoRA stage's adapters over it), then by id.
+    ready.sort(key=lambda j: (reuses(model_needed(j, recipe), kept, run_dir), j["id"]))
     for job in ready:
         log = workspace.log_path(Path(run["run_dir"]), job["id"], job["stage"], job["fmt"])
         claimed = store.claim_this_job(job["id"], os.getpid(), str(log), processes.start_time(os.getpid()))
         if claimed is None:
             continue  # taken meanwhile (or no longer ready): try the next one
-        if model_needed(claimed, recipe) != kept:
+        use = reuses(model_needed(claimed, recipe), kept, run_dir)
+        if use == 2:
             release_models(models)
         print(f"== chaining into job {claimed['id']} {claimed['config'].get('key')}; its log: {log}", flush=True)
         _redirect_output(log)
         print(f"(runs in the process of job {done['id']}: imports already done"
-              f"{f', {kept} already loaded' if kept and model_needed(claimed, recipe) == kept else ''})", flush=True)
+              f"{f', {kept} already loaded' if use < 2 else ''})", flush=True)
         return claimed
     return None
 

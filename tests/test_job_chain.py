@@ -74,8 +74,8 @@ def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path
 def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared_cache, monkeypatch):
     """LoRA SFT and LoRA QAT through the engine: the stages keep adapters / quantizers with a pointer to their parent
     (engine/training/stage_outputs.py), and the chained process builds each model on the one it holds: the SFT model
-    on the base the previous evaluation loaded, PTQ on that SFT model, QAT on the PTQ model its evaluation loaded, the
-    export on the evaluated QAT model. The export still checks every expert weight against the QAT model."""
+    on the base the previous evaluation loaded, PTQ on that SFT model, its evaluation and QAT on the model PTQ kept,
+    the export on the evaluated QAT model. The export still checks every expert weight against the QAT model."""
     monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
     workdir = tmp_path / "ws"
     lora = [f"--{stage}.{flag}" if i == 0 else value for stage in ("sft", "qat")
@@ -104,6 +104,7 @@ def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared
 
         assert "building sft on prepare's model" in log("evaluate:sft")  # after evaluate:original loaded the base
         assert "reusing sft's model" in log("ptq:mxfp4")
+        assert "reusing ptq:mxfp4's model" in log("evaluate:ptq:mxfp4")  # kept by PTQ itself (common.keep_model)
         assert "reusing ptq:mxfp4's model" in log("qat:mxfp4")
         assert "reusing qat:mxfp4's model" in log("export:mxfp4")
     finally:

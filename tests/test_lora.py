@@ -67,8 +67,11 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         assert not any("lora" in n for n, _ in tuned.named_parameters())
         assert_no_model_copy(ctx.model_dir("sft"), checkpoint)
 
-        ptq.run(stage_context(store, ctx.run_dir, recipe, "ptq", "mxfp4", **run))
-        assert_no_model_copy(ctx.model_dir("ptq:mxfp4"), checkpoint)
+        for fmt in ("nvfp4", "mxfp4"):
+            ptq_ctx = stage_context(store, ctx.run_dir, recipe, "ptq", fmt, **run)
+            ptq.run(ptq_ctx)
+            assert_no_model_copy(ctx.model_dir(f"ptq:{fmt}"), checkpoint)
+            assert_same_model(ptq_ctx.models.pop(f"ptq:{fmt}")[0], _open(ctx, f"ptq:{fmt}", consume=True)[0], fmt)
         qat_ctx = stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run)
         collects = []
         real_collect = gc.collect
@@ -115,6 +118,16 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
             assert torch.equal(reloaded.get_parameter(name).float(), effective[name]), name
 
 
+def assert_same_model(model, fresh, what: str) -> None:
+    """The same state (weights, quantizer amax) and exactly the same logits."""
+    state, fresh_state = model.state_dict(), fresh.state_dict()
+    assert state.keys() == fresh_state.keys(), what
+    assert all(torch.equal(state[k], fresh_state[k]) for k in fresh_state), what
+    prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=prompt).logits, fresh.eval()(input_ids=prompt).logits), what
+
+
 def assert_built_on_the_kept_model(store, ctx, recipe, ancestor: str, key: str, capsys) -> None:
     """A chained job process (engine/stages/job.py) keeps the last model it loaded; opening a stage stored as
     adapters / quantizers over that model builds on it instead of reading the base again, and gives exactly the
@@ -133,13 +146,7 @@ def assert_built_on_the_kept_model(store, ctx, recipe, ancestor: str, key: str, 
     built, _ = open_model(job_context(chain), key)
     assert f"building {key} on {ancestor}'s model" in capsys.readouterr().out
     assert list(chain) == [key]  # the ancestor was changed in place: it is no longer offered as itself
-    fresh, _ = open_model(job_context({}), key)
-    built_state, fresh_state = built.state_dict(), fresh.state_dict()
-    assert built_state.keys() == fresh_state.keys()
-    assert all(torch.equal(built_state[k], fresh_state[k]) for k in fresh_state), key
-    prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert torch.equal(built.eval()(input_ids=prompt).logits, fresh.eval()(input_ids=prompt).logits), key
+    assert_same_model(built, open_model(job_context({}), key)[0], key)
 
 
 def assert_no_model_copy(directory, checkpoint) -> None:

@@ -34,7 +34,8 @@ def open_model(ctx: Context, key: str, consume: bool = False):
 
     Reused from the previous job of this process when it loaded the same model (engine/stages/job.py chains the
     jobs of a run): an evaluation followed by the export of the same QAT model loads it once. Only models read
-    from disk are kept, never a model a stage changed, so a reused model is the one a fresh load would give.
+    from disk are kept, or one a stage saved that equals a load of its output (keep_model), never a model a stage
+    changed afterwards, so a reused model is the one a fresh load would give.
     `consume=True` is for stages that change the model (train, quantize): they take it out of the cache.
     """
     cached = ctx.models.pop(key, None) if consume else ctx.models.get(key)
@@ -84,13 +85,30 @@ def _load(ctx: Context, key: str, kept: dict | None = None):
     # A stage that kept only adapters / quantizers is rebuilt from its parent (engine/training/stage_outputs.py).
     model = stage_outputs.load(ctx.run_dir, key, ctx.dtype, ctx.device, backend(ctx), trust_remote_code=trust,
                                kept=kept)
+    _as_loaded(ctx, model)
+    tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
+    return model, tokenizer
+
+
+def _as_loaded(ctx: Context, model) -> None:
+    """What every load does after reading a model: the fast experts path for a quantized one (engine/fp4/fast_experts)."""
     if model_io.is_modelopt_model(model) and ctx.recipe.hardware.fp4_backend == "auto":
         from engine.fp4 import fast_experts
 
         switched = fast_experts.enable(model)
         ctx.log(f"fast experts path on {switched} expert modules (fake quant once per forward, grouped_mm)")
-    tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
-    return model, tokenizer
+
+
+def keep_model(ctx: Context, key: str, model, tokenizer) -> None:
+    """Offer the model a stage just saved to the next job of this process, as if open_model(key) had loaded it.
+
+    Only for a stage whose model in memory is exactly what loading its output gives: PTQ (calibration changes no
+    weight, and the quantizers it saved are this model's; tests/test_lora.py compares state and logits with a fresh
+    load). Its evaluation, chained next, then needs no second read of the model (a 13 GB base at 20b size).
+    """
+    release_models(ctx.models)
+    _as_loaded(ctx, model)
+    ctx.models[key] = (model, tokenizer)
 
 
 def reuses(needed: str | None, kept: str | None, run_dir: Path) -> int:

@@ -11,7 +11,7 @@ import torch
 
 from engine.fp4 import modelopt_glue
 from engine.runtime.context import Context
-from engine.stages.common import backend, load_splits, open_model
+from engine.stages.common import backend, keep_model, load_splits, open_model
 from engine.training import stage_outputs
 
 
@@ -33,6 +33,7 @@ def run(ctx: Context) -> dict:
     with ctx.phase("save"):
         stage_outputs.save_quantized(out, source, model, tokenizer)
     (out / "quant_summary.json").write_text(json.dumps(summary, indent=1))
+    keep_model(ctx, f"ptq:{fmt}", model, tokenizer)  # its evaluation, chained next, needs no second load
     enabled = [row for row in summary if row["enabled"]]
     return {"format": fmt, "quantizers_enabled": len(enabled), "quantizers_total": len(summary)}
 

@@ -11,7 +11,7 @@
 The device tool stops a command after 10 minutes, and a 20b run may take longer: the engine runs detached, so the
 test keeps to GPT_OSS_20B_BUDGET_S (default 500 s, the final checks' 150 s included) and, if the run is still going,
 fails saying so; the same command again finds the run in the workspace and keeps waiting (the peak disk is kept
-across calls in a file). It writes ~14 GB of checkpoint and ~26 GB of exports, so it runs only when asked:
+across calls in a file), or resumes it if the end of the last call stopped the engine (the run is then interrupted). It writes ~14 GB of checkpoint and ~26 GB of exports, so it runs only when asked:
 GPT_OSS_20B_RUN=1 (`bash bench/device.sh gpt-oss-20b`); `-m gpu` alone skips it with that reason.
 """
 
@@ -70,6 +70,9 @@ def ensure_checkpoint() -> float | None:
 
 def start_or_find_run(store: Store) -> str:
     runs = [r for r in store.list_runs() if r["name"] == "gpt-oss-20b-1gpu"]
+    if runs and runs[0]["status"] == "interrupted":  # the previous call's end took the engine with it: go on
+        proc = launch(["--workdir", str(WORKDIR), "resume", runs[0]["id"], "--no-wait"], timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
     if runs:
         return runs[0]["id"]  # a previous call started it: keep waiting for it
     proc = launch(["--workdir", str(WORKDIR), "run", "assets/recipes/gpt-oss-20b-1gpu.yaml", "--no-wait",

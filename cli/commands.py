@@ -134,6 +134,7 @@ def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
     if run is None:
         raise UserError(f"no run {run_id} in {workdir}; list runs with: {launcher()} status")
     from engine.evaluation.results import format_table, summary
+    from engine.runtime.job_timing import format_timing
 
     jobs, results = store.list_jobs(run_id), summary(store, run_id)
     if as_json:
@@ -146,6 +147,8 @@ def cmd_status(run_id: str | None, workdir: Path, as_json: bool = False) -> int:
     print()
     for job in jobs:
         print(f"{job['id']:>4} {job['config']['key']:<22} {job['status']:<11} {job.get('message') or ''}")
+        if job.get("timing"):
+            print(f"{'':>5}{format_timing(job['timing'])}")
     print()
     print(format_table(results))
     return 0

@@ -123,8 +123,14 @@ def v3_process_identity(db: Database) -> None:
     db["apps"].create_index(["heartbeat_at"])
 
 
+def v4_job_timing(db: Database) -> None:
+    """jobs.timing_json: where a job's time went (engine/runtime/job_timing.py): start + imports, load, compute,
+    save seconds, peak GPU memory, disk written. NULL for jobs that ran before this version."""
+    db["jobs"].add_column("timing_json", str)
+
+
 # Index i holds the migration to version i + 1.
-MIGRATIONS: list[Callable[[Database], None]] = [v1_core, v2_operations, v3_process_identity]
+MIGRATIONS: list[Callable[[Database], None]] = [v1_core, v2_operations, v3_process_identity, v4_job_timing]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

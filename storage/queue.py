@@ -83,7 +83,8 @@ class JobQueue:
                 if deps_done and not (_resources(row["resources"]) & busy):
                     db["jobs"].update(row["id"], {"status": "running", "started_at": now, "ended_at": None,
                                                   "attempt": row["attempt"] + 1, "pid": pid,
-                                                  "pid_started_at": None, "ranks_json": None})
+                                                  "pid_started_at": None, "ranks_json": None,
+                                                  "timing_json": None})
                     self._refresh_runs_of([row["id"]])
                     return self.get_job(row["id"])
         return None
@@ -110,7 +111,7 @@ class JobQueue:
                 return None
             db["jobs"].update(job_id, {"status": "running", "started_at": time.time(), "ended_at": None,
                                        "attempt": row[2] + 1, "pid": pid, "pid_started_at": pid_started_at,
-                                       "ranks_json": None, "log_path": log_path})
+                                       "ranks_json": None, "log_path": log_path, "timing_json": None})
             self._refresh_runs_of([job_id])
         return self.get_job(job_id)
 
@@ -161,7 +162,7 @@ class JobQueue:
                 grew = bool(more)
             for requeue_id in sorted(requeue):
                 db["jobs"].update(requeue_id, {"status": "queued", "pid": None, "pid_started_at": None,
-                                               "ranks_json": None, "started_at": None,
+                                               "ranks_json": None, "started_at": None, "timing_json": None,
                                                "ended_at": None, "error": None, "error_detail": None})
             self._refresh_runs_of(requeue)
 

@@ -15,7 +15,7 @@ RUN_TERMINAL = {"succeeded", "failed", "cancelled", "interrupted"}
 JOB_STATUSES = RUN_STATUSES | {"skipped", "cancelling"}  # cancelling: asked to stop, the engine is killing it
 JOB_TERMINAL = JOB_STATUSES - {"queued", "running", "cancelling"}
 BLOCKING_DEP = {"failed", "cancelled", "skipped", "missing"}  # a queued job depending on one of these never runs
-JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on", "ranks"), "evals": ("metrics",),
+JSON_FIELDS = {"runs": ("recipe",), "jobs": ("config", "depends_on", "ranks", "timing"), "evals": ("metrics",),
                "eval_examples": ("detail",), "artifacts": ("meta",), "telemetry": ("sample",)}
 REDACTED_FIELDS = {"error", "error_detail"}  # exception texts: masked, not refused (losing a failure is worse)
 STATUS_FIELD = {"runs": RUN_STATUSES, "jobs": JOB_STATUSES}

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from engine.training.estimate import GIB, KNOWN, OVERHEAD_GIB, estimate, lora_parameters, parameter_counts
+
+REPO = Path(__file__).resolve().parents[1]
 
 # gpt-oss-20b by hand: H = I = 2880, 24 layers, 32 experts, 64 heads x 64, 8 KV heads, vocab 201088, untied.
 EXPERTS_PER_LAYER_20B = 32 * (2880 * 5760 + 5760 + 2880 * 2880 + 2880)  # gate_up + down, with biases = 796,538,880
@@ -138,3 +141,25 @@ def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
     eager = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
     assert eager["per_gpu_gib"]["activations"] > flex["per_gpu_gib"]["activations"] + 50
     assert estimate_recipe(Recipe(), "sft", cuda=False)["attention"] == "eager"
+
+
+def test_disk_estimate_of_the_20b_recipe():
+    """The 1-GPU recipe keeps adapters, not model copies; its MXFP4 export is sized like the real layout (the
+    checkpoint generator's tensor plan, an independent count of the same bytes)."""
+    import importlib.util
+
+    from engine.recipe.files import load_recipe
+    from engine.training.estimate import GIB, estimate_recipe
+
+    recipe = load_recipe(REPO / "assets" / "recipes" / "gpt-oss-20b-1gpu.yaml", {"model.source": "openai/gpt-oss-20b"})
+    disk = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)["disk_gib"]
+    spec = importlib.util.spec_from_file_location("gen", REPO / "bench" / "make_gpt_oss_checkpoint.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    plan_bytes = sum(gen.nbytes(s, d) for _, s, d in gen.tensor_plan(gen.gpt_oss_20b_config()))
+    assert abs(disk["export mxfp4"] - plan_bytes / GIB) < 0.02, (disk, plan_bytes / GIB)
+    assert disk["sft"] < 1 and disk["qat"] < 2 and disk["total"] < 30  # megabytes of adapters + two exports
+    full = load_recipe(REPO / "assets" / "recipes" / "gpt-oss-20b-1gpu.yaml",
+                       {"model.source": "openai/gpt-oss-20b", "sft.lora": False, "qat.lora": False})
+    full_disk = estimate_recipe(full, "sft", cuda=True, gpu_memory_gib=141)["disk_gib"]
+    assert full_disk["sft"] > 3 * 39  # a whole bf16 model (39 GiB) plus two checkpoints of weights and moments

@@ -7,6 +7,7 @@ SIGSEGV) marks only itself, the engine lives on and runs what is left in a fresh
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -68,5 +69,45 @@ def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path
         assert store.get_run(run_id)["status"] == "succeeded"
         # The report (no device, its own resource) was taken by the chain it waited for, not a process of its own.
         assert store.get_job(jobs["report"])["pid"] == store.get_job(jobs["evaluate:sft"])["pid"]
+    finally:
+        stop_engines(store)
+
+
+def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared_cache, monkeypatch):
+    """LoRA SFT and LoRA QAT through the engine: the stages keep adapters / quantizers with a pointer to their parent
+    (engine/training/stage_outputs.py), and the chained process builds each model on the one it holds: the SFT model
+    on the base the previous evaluation loaded, PTQ on that SFT model, its evaluation and QAT on the model PTQ kept,
+    the export on the evaluated QAT model. The export still checks every expert weight against the QAT model."""
+    monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
+    workdir = tmp_path / "ws"
+    lora = [f"--{stage}.{flag}" if i == 0 else value for stage in ("sft", "qat")
+            for flag, value in (("lora", "true"), ("lora_target_experts", "true")) for i in (0, 1)]
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--ptq.formats", "mxfp4", *lora,
+                   "--sft.max_steps", "4", "--qat.max_steps", "2", "--data.eval_fraction", "0.005",
+                   "--eval.max_examples_per_task", "2", "--eval.max_new_tokens", "8"], timeout=900)
+    store = Store(workdir / "studio.db")
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run_id = store.list_runs()[0]["id"]
+        jobs = {j["config"]["key"]: j for j in store.list_jobs(run_id)}
+        assert all(j["status"] == "succeeded" for j in jobs.values()), {k: j["status"] for k, j in jobs.items()}
+        chain = [k for k in jobs if k != "report"]
+        assert len({jobs[k]["pid"] for k in chain}) == 1, {k: jobs[k]["pid"] for k in chain}  # one process
+        assert "verified True" in jobs["export:mxfp4"]["message"]
+
+        models = Path(store.get_run(run_id)["run_dir"]) / "models"
+        parents = {"sft": "prepare", "ptq-mxfp4": "sft", "qat-mxfp4": "ptq:mxfp4"}
+        for folder, parent in parents.items():
+            assert not list((models / folder).rglob("model*.safetensors")), folder  # no copy of the model
+            assert json.loads((models / folder / "stage.json").read_text())["parent"] == parent
+
+        def log(key: str) -> str:
+            return Path(jobs[key]["log_path"]).read_text()
+
+        assert "building sft on prepare's model" in log("evaluate:sft")  # after evaluate:original loaded the base
+        assert "reusing sft's model" in log("ptq:mxfp4")
+        assert "reusing ptq:mxfp4's model" in log("evaluate:ptq:mxfp4")  # kept by PTQ itself (common.keep_model)
+        assert "reusing ptq:mxfp4's model" in log("qat:mxfp4")
+        assert "reusing qat:mxfp4's model" in log("export:mxfp4")
     finally:
         stop_engines(store)

@@ -1,5 +1,6 @@
 """LoRA SFT then LoRA QAT from a gpt-oss MXFP4 checkpoint, adapters on attention and on the experts of one layer,
-merged and exported; the export must hold exactly the weights the adapted QAT model computed with."""
+merged and exported; the export must hold exactly the weights the adapted QAT model computed with. The LoRA stages
+and PTQ keep adapters / quantizers and a pointer, never a whole copy of the model (engine/training/stage_outputs.py)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ def assets(tmp_path_factory):
     return root / "gpt-oss-mxfp4", train, held_out
 
 
-def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread, monkeypatch):
+def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tmp_path, one_thread, monkeypatch,
+                                                                     capsys):
     from engine.stages import export, prepare, ptq, qat, sft
 
     checkpoint, train, held_out = assets
@@ -57,14 +59,19 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         run = dict(run_id=ctx.run_id)
         sft.run(stage_context(store, ctx.run_dir, recipe, "sft", **run))
         base = model_io.load_model(checkpoint, torch.float32, torch.device("cpu"))
-        tuned = model_io.load_model(ctx.model_dir("sft"), torch.float32, torch.device("cpu"))
+        tuned, _ = _open(ctx, "sft")  # the base with the saved adapters merged
         changed = {n for n in EXPERTS if not torch.equal(base.get_parameter(n), tuned.get_parameter(n))}
         assert changed == {EXPERTS[2], EXPERTS[3]}  # merged adapters on layer 1's experts only
         q_proj = "model.layers.0.self_attn.q_proj.weight"
         assert not torch.equal(base.get_parameter(q_proj), tuned.get_parameter(q_proj))  # attention adapters merged
-        assert "lora" not in str(list(load_file(str(ctx.model_dir("sft") / "model.safetensors")))).lower()
+        assert not any("lora" in n for n, _ in tuned.named_parameters())
+        assert_no_model_copy(ctx.model_dir("sft"), checkpoint)
 
-        ptq.run(stage_context(store, ctx.run_dir, recipe, "ptq", "mxfp4", **run))
+        for fmt in ("nvfp4", "mxfp4"):
+            ptq_ctx = stage_context(store, ctx.run_dir, recipe, "ptq", fmt, **run)
+            ptq.run(ptq_ctx)
+            assert_no_model_copy(ctx.model_dir(f"ptq:{fmt}"), checkpoint)
+            assert_same_model(ptq_ctx.models.pop(f"ptq:{fmt}")[0], _open(ctx, f"ptq:{fmt}", consume=True)[0], fmt)
         qat_ctx = stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run)
         collects = []
         real_collect = gc.collect
@@ -72,14 +79,22 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
             patch.setattr(gc, "collect", lambda *a, **k: collects.append(1) or real_collect(*a, **k))
             qat.run(qat_ctx)
         assert len(collects) < recipe.qat.max_steps  # no gc.collect() per step (engine/stages/qat.py says why)
+        assert_no_model_copy(ctx.model_dir("qat:mxfp4"), checkpoint)
+        # Resume from that adapters-only checkpoint (as after a kill at the end): the same adapters come back.
+        saved = load_file(str(ctx.model_dir("qat:mxfp4") / "adapter" / "adapter_model.safetensors"))
+        qat.run(stage_context(store, ctx.run_dir, recipe, "qat", "mxfp4", **run))
+        again = load_file(str(ctx.model_dir("qat:mxfp4") / "adapter" / "adapter_model.safetensors"))
+        assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+        for step in (ctx.run_dir / "checkpoints" / "qat-mxfp4").glob("checkpoint-*"):  # resumable, adapters only
+            assert_no_model_copy(step, checkpoint)
 
         # What the adapted model computed with: the PTQ model + the last QAT checkpoint (adapters and all, as a
         # resume loads it), fake_quant(W + BA).
-        adapted, _ = _open(ctx, "ptq:mxfp4")
+        adapted, _ = _open(ctx, "ptq:mxfp4", consume=True)  # changed below: not kept for later opens (as QAT does)
         lora.add_adapters(adapted, recipe.qat)
-        state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "model.safetensors"))
+        state = load_file(str(ctx.run_dir / "checkpoints" / "qat-mxfp4" / "checkpoint-3" / "trainable.safetensors"))
         missing, unexpected = adapted.load_state_dict(state, strict=False)
-        assert not unexpected and not [k for k in missing if "lora" in k or "weight" in k]
+        assert not unexpected and set(state) == {n for n, p in adapted.named_parameters() if p.requires_grad}
         trained_b = [p for n, p in adapted.named_parameters() if "experts" in n and "lora_B" in n]
         assert len(trained_b) == 2 and all(p.abs().sum() > 0 for p in trained_b)  # the expert adapters did train
         computed = lora.quantized_weights_with_adapters(adapted)
@@ -93,6 +108,9 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
         with torch.no_grad():
             assert torch.allclose(adapted(input_ids=prompt).logits, merged(input_ids=prompt).logits, atol=1e-5)
 
+        for ancestor, key in (("prepare", "sft"), ("ptq:mxfp4", "qat:mxfp4")):
+            assert_built_on_the_kept_model(store, ctx, recipe, ancestor, key, capsys)
+
         export.run(stage_context(store, ctx.run_dir, recipe, "export", "mxfp4", target="qat:mxfp4", **run))
         reloaded = load_export(ctx.run_dir / "exports" / "mxfp4", torch.bfloat16,
                                quantization_config=Mxfp4Config(dequantize=True))
@@ -100,8 +118,48 @@ def test_lora_sft_then_lora_qat_exports_the_merged_fake_quant_weights(assets, tm
             assert torch.equal(reloaded.get_parameter(name).float(), effective[name]), name
 
 
-def _open(ctx, key: str):
+def assert_same_model(model, fresh, what: str) -> None:
+    """The same state (weights, quantizer amax) and exactly the same logits."""
+    state, fresh_state = model.state_dict(), fresh.state_dict()
+    assert state.keys() == fresh_state.keys(), what
+    assert all(torch.equal(state[k], fresh_state[k]) for k in fresh_state), what
+    prompt = torch.randint(0, 2048, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=prompt).logits, fresh.eval()(input_ids=prompt).logits), what
+
+
+def assert_built_on_the_kept_model(store, ctx, recipe, ancestor: str, key: str, capsys) -> None:
+    """A chained job process (engine/stages/job.py) keeps the last model it loaded; opening a stage stored as
+    adapters / quantizers over that model builds on it instead of reading the base again, and gives exactly the
+    model a fresh load gives."""
     from engine.stages.common import open_model
 
-    model, tokenizer = open_model(ctx, key)
+    def job_context(models: dict):
+        job = stage_context(store, ctx.run_dir, recipe, "evaluate", target=key, run_id=ctx.run_id)
+        job.models = models
+        return job
+
+    chain: dict = {}
+    open_model(job_context(chain), ancestor)
+    assert list(chain) == [ancestor]
+    capsys.readouterr()
+    built, _ = open_model(job_context(chain), key)
+    assert f"building {key} on {ancestor}'s model" in capsys.readouterr().out
+    assert list(chain) == [key]  # the ancestor was changed in place: it is no longer offered as itself
+    assert_same_model(built, open_model(job_context({}), key)[0], key)
+
+
+def assert_no_model_copy(directory, checkpoint) -> None:
+    """A LoRA / PTQ stage's output holds no model weights file and a small fraction of the model's bytes."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if p.name.startswith("model") and p.suffix == ".safetensors"]
+    written = sum(p.stat().st_size for p in files if p.suffix in (".safetensors", ".pth", ".bin", ".pt"))
+    model_bytes = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    assert written < 0.25 * model_bytes, (directory, written, model_bytes)
+
+
+def _open(ctx, key: str, consume: bool = False):
+    from engine.stages.common import open_model
+
+    model, tokenizer = open_model(ctx, key, consume=consume)
     return model.eval(), tokenizer

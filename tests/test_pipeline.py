@@ -70,12 +70,16 @@ def test_training_metrics_and_logs_are_recorded(resumed_run):
 
 
 def test_qat_trained_the_quantized_model(resumed_run):
-    """QAT changed the weights, and the model it saved still carries its quantizers (modelopt state)."""
+    """QAT changed the weights, and the model it saved still carries its quantizers (modelopt state). PTQ kept only
+    its quantizers and a pointer: its weights are SFT's (engine/training/stage_outputs.py)."""
     store, run_id, _ = resumed_run
     from engine.evaluation.evaluator import load_expert_weights
 
     run_dir = Path(store.get_run(run_id)["run_dir"])
-    ptq = load_expert_weights(run_dir / "models" / "ptq-mxfp4")
+    stage = json.loads((run_dir / "models" / "ptq-mxfp4" / "stage.json").read_text())
+    assert stage["parent"] == "sft" and stage["adapter"] is None and not list((run_dir / "models" / "ptq-mxfp4").glob(
+        "model*.safetensors"))
+    ptq = load_expert_weights(run_dir / "models" / "sft")
     qat = load_expert_weights(run_dir / "models" / "qat-mxfp4")
     assert ptq.keys() == qat.keys() and any(not torch.equal(ptq[k], qat[k]) for k in ptq)
     assert (run_dir / "models" / "qat-mxfp4" / "modelopt_state.pth").exists()

@@ -41,14 +41,19 @@ def test_v1_file_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
     assert migrate(old, target=1) == [1]
     old["runs"].insert({"id": "20240101-000000-abcd", "name": "legacy", "recipe_json": '{"lr": 0.1}',
                         "status": "succeeded", "created_at": 1.0})
+    job = old["jobs"].insert({"run_id": "20240101-000000-abcd", "stage": "sft", "status": "succeeded",
+                              "created_at": 1.0}).last_pk
     old.conn.close()
     assert "telemetry" not in _tables(path)
 
     with Store(path) as store:
-        assert schema_version(store.db) == SCHEMA_VERSION == 3
+        assert schema_version(store.db) == SCHEMA_VERSION == 4
         run = store.get_run("20240101-000000-abcd")
         assert run["name"] == "legacy" and run["recipe"] == {"lr": 0.1}
         store.add_telemetry({"gpu": 1})  # v2 tables are usable
+        assert store.get_job(job)["timing"] is None  # v4: jobs that ran before have no timing
+        store.update_job(job, timing={"load_s": 1.5})
+        assert store.get_job(job)["timing"] == {"load_s": 1.5}
     assert {"telemetry", "engines", "servers", "apps"} <= _tables(path)
     with Store(path) as again:  # re-opening applies nothing and loses nothing
         assert migrate(again.db) == [] and len(again.list_runs()) == 1
@@ -128,6 +133,7 @@ def test_job_lifecycle_dependencies_skip_and_requeue(store: Store) -> None:
     assert store.claim_job(busy_resources={"cuda:0"}) is None  # sft's GPU is busy
     assert store.claim_job(busy_resources={"cuda:1"})["id"] == sft
 
+    store.update_job(sft, timing={"load_s": 2.0})  # where the failed attempt's time went
     store.finish_job(sft, "failed", "RuntimeError: CUDA OOM\n  at line 3\n  at line 4")
     failed = store.get_job(sft)
     assert failed["error"] == "RuntimeError: CUDA OOM" and "at line 4" in failed["error_detail"]
@@ -140,6 +146,7 @@ def test_job_lifecycle_dependencies_skip_and_requeue(store: Store) -> None:
     store.requeue_job(sft)  # resume: the job and everything skipped because of it go back in the queue
     assert [store.get_job(j)["status"] for j in (prep, sft, ptq, ev)] == ["succeeded", "queued", "queued", "queued"]
     assert store.get_job(sft)["error"] is None and store.get_job(sft)["ended_at"] is None
+    assert store.get_job(sft)["timing"] is None  # the last attempt's timing is not shown as this one's
     assert store.get_run(run)["status"] == "running" and store.get_run(run)["ended_at"] is None
     again = store.claim_job()
     assert again["id"] == sft and again["attempt"] == 2

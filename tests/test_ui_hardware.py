@@ -5,8 +5,8 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from engine.training.estimate import estimate_recipe
 from engine.recipe.files import load_recipe
+from engine.training.estimate import estimate_recipe
 from ui import hardware, views
 from ui.state import RECIPES_DIR, AppState
 
@@ -87,6 +87,8 @@ def test_fit_estimate_for_the_demo_and_for_gpt_oss_20b(workdir):
     big = {**DEMO, "model": {**DEMO["model"], "source": "openai/gpt-oss-20b"}}
     html = hardware.estimate_html(state, browser_data(state, big))
     assert "does not fit" in html and "20.9 B parameters" in html and "suggestion: use 16 GPUs with ZeRO-3" in html
+    disk = estimate_recipe(state.draft_recipe(browser_data(state, big)), "sft", hardware.cuda_available())["disk_gib"]
+    assert disk["total"] > 39 and f"Disk: the run writes about {disk['total']:.1f} GiB" in html  # full: model copies
     broken = browser_data(state, DEMO, num_processes=0)
     assert "num_processes" in hardware.estimate_html(state, broken)  # the engine's own validation message
 

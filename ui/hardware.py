@@ -26,7 +26,7 @@ def build(state: AppState, recipe: dict) -> None:
     state.add_form(build_form("hardware", HardwareConfig, recipe.get("hardware"),
                               custom={"gpus": lambda name, info, value: gpu_picker(found, name, info, value)}))
     with gr.Row():
-        fit = gr.Button("Will it fit? (memory and time per GPU)", size="sm", elem_id="estimate-button")
+        fit = gr.Button("Will it fit? (memory and time per GPU, disk)", size="sm", elem_id="estimate-button")
         show = gr.Button("Show the accelerate config and each machine's command", size="sm")
     fit_box = gr.HTML(elem_id="estimate")
     launch_box = gr.Code(language="shell", label="accelerate launch, per machine", visible=False, lines=6,
@@ -72,7 +72,14 @@ def estimate_html(state: AppState, data: dict) -> str:
             rows.append((stage, estimate_recipe(recipe, stage, cuda)))
         except ValueError as exc:
             return views.message(f"No estimate: {exc}", "info")
-    return "".join(_estimate_block(stage, est) for stage, est in rows)
+    return "".join(_estimate_block(stage, est) for stage, est in rows) + (_disk_block(rows[0][1]) if rows else "")
+
+
+def _disk_block(est: dict) -> str:
+    disk = est["disk_gib"]
+    parts = ", ".join(f"{k} {v:.2f}" for k, v in disk.items() if k != "total")
+    return views.message(f"Disk: the run writes about {disk['total']:.1f} GiB under runs/<id>/ ({parts}); the base "
+                         "model is read where it is, not copied. LoRA stages keep adapters, PTQ its quantizers.", "info")
 
 
 def _estimate_block(stage: str, est: dict) -> str:

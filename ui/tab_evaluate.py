@@ -110,6 +110,8 @@ def _checkpoint_size(run: dict, stage: str, fmt: str, exports: dict) -> str:
     if stage in ("original", "sft"):
         folder = run_data.model_dir_for(run, stage)
         size = run_data.dir_bytes(folder)
+        if size and (folder / "stage.json").exists():  # engine/training/stage_outputs.py: adapters, no model copy
+            return f"{run_data.fmt_bytes(size)} (LoRA adapters over the base)"
         return f"{run_data.fmt_bytes(size)} ({_dtype(folder)})" if size else "-"
     return "- (fake-quant; see its QAT export)" if stage == "ptq" else "-"
 

@@ -30,7 +30,10 @@ def build(state: AppState) -> None:
     notice = gr.HTML()
 
     gr.on(state.shown("history", every=5.0), lambda: table(state), None, runs, show_progress="hidden")
-    runs.select(pick, runs, [picked, chosen, open_button, delete_button])
+    def on_select(frame: pd.DataFrame, evt: gr.SelectData):  # gradio passes SelectData by this annotation
+        return pick(state, frame, evt)
+
+    runs.select(on_select, runs, [picked, chosen, open_button, delete_button])
     open_button.click(lambda run_id: (state.select_run(run_id), gr.Tabs(selected="recipe")), picked,
                       [state.run, state.goto_tab])
     delete_button.click(lambda run_id: ask(state, run_id), picked, [confirm_row, confirm_text])
@@ -55,7 +58,7 @@ def table(state: AppState) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "recipe", "status", "created", "duration", "jobs done", "best pass %"])
 
 
-def pick(frame: pd.DataFrame, evt: gr.SelectData):
+def pick(state: AppState, frame: pd.DataFrame, evt: gr.SelectData):
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
     if row is None or frame is None or row >= len(frame):
         off = gr.Button(interactive=False)
@@ -63,8 +66,28 @@ def pick(frame: pd.DataFrame, evt: gr.SelectData):
     picked = frame.iloc[row]
     run_id = str(picked["run"])
     note = (f"<div class='note'>Picked <code>{views.esc(run_id)}</code> ({views.esc(picked['recipe'])}, "
-            f"{views.esc(picked['status'])}).</div>")
+            f"{views.esc(picked['status'])}).</div>") + timing_html(state.store(), run_id)
     return run_id, note, gr.Button(interactive=True), gr.Button(interactive=True)
+
+
+TIMING_COLUMNS = (("start_imports_s", "start + imports s"), ("load_s", "load s"), ("compute_s", "compute s"),
+                  ("save_s", "save s"), ("peak_gpu_gib", "peak GPU GiB"), ("disk_written_gib", "disk written GiB"))
+
+
+def timing_html(store, run_id: str) -> str:
+    """Where each job's time went (engine/runtime/job_timing.py), as a table; empty when no job recorded any."""
+    jobs = [j for j in store.list_jobs(run_id) if j.get("timing")]
+    if not jobs:
+        return ""
+    head = "".join(f"<th>{views.esc(label)}</th>" for _, label in TIMING_COLUMNS)
+    rows = []
+    for job in jobs:
+        cells = "".join(f"<td>{'-' if job['timing'].get(key) is None else views.esc(job['timing'][key])}</td>"
+                        for key, _ in TIMING_COLUMNS)
+        rows.append(f"<tr><td>{views.esc(job['config'].get('key', job['stage']))}</td>"
+                    f"<td>{views.esc(job['status'])}</td>{cells}</tr>")
+    return (f"<table class='compare' id='history-timing'><tr><th>job</th><th>status</th>{head}</tr>"
+            f"{''.join(rows)}</table>")
 
 
 def ask(state: AppState, run_id: str | None):

@@ -1,6 +1,7 @@
 """Loading and saving models between stages.
 
-Stage outputs are Hugging Face model directories. Quantized ones carry `modelopt_state.pth` (modelopt's
+Whole stage outputs (full fine-tuning) are Hugging Face model directories; LoRA and PTQ stages keep only what they
+changed (engine/training/stage_outputs.py, which loads whole ones through here). Quantized ones carry `modelopt_state.pth` (modelopt's
 `enable_huggingface_checkpointing` saves and restores the quantizers with save_pretrained / from_pretrained),
 so every stage loads its input the same way. Saves go to a temp dir that is renamed into place: a kill
 during a save never leaves a directory that looks complete but is not.

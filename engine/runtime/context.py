@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from engine.runtime import workspace
+from engine.runtime.job_timing import JobTiming
 from engine.recipe.configs import Recipe
 from storage import Store
 
@@ -25,6 +27,11 @@ class Context:
     # Models this job process has loaded, by job key ('sft', 'ptq:mxfp4', ...), kept for the next job of a chain
     # (engine/stages/job.py runs several jobs of a run in one process). At most one entry: see stages/common.py.
     models: dict = field(default_factory=dict)
+    timing: JobTiming | None = None  # set by the job process (engine/stages/job.py); None when a test calls a stage
+
+    def phase(self, name: str):
+        """`with ctx.phase("load"):` / `"save"`: counted apart from compute in the job's timing."""
+        return self.timing.phase(name) if self.timing is not None else contextlib.nullcontext()
 
     @property
     def run_id(self) -> str:

@@ -5,7 +5,8 @@
       engine.log                     the background engine's own log
       cache/                         deterministic, shareable: the embedded base model, compiled CUDA extensions
       runs/<run_id>/
-        models/<stage>[-<fmt>]/      stage outputs (HF model dirs; quantized ones carry modelopt_state.pth)
+        models/<stage>[-<fmt>]/      stage outputs: whole HF model dirs (full fine-tuning), or adapters / quantizers
+                                     with a pointer to the parent stage (LoRA, PTQ; engine/training/stage_outputs.py)
         checkpoints/<stage>[-<fmt>]/ resumable trainer checkpoints
         exports/<fmt>/               real FP4 checkpoints
         logs/<job_id>-<stage>.log    each job's stdout+stderr (a file, never a pipe someone must drain)

@@ -34,15 +34,18 @@ def open_model(ctx: Context, key: str, consume: bool = False):
 
     Reused from the previous job of this process when it loaded the same model (engine/stages/job.py chains the
     jobs of a run): an evaluation followed by the export of the same QAT model loads it once. Only models read
-    from disk are kept, never a model a stage changed, so a reused model is the one a fresh load would give.
+    from disk are kept, or one a stage saved that equals a load of its output (keep_model), never a model a stage
+    changed afterwards, so a reused model is the one a fresh load would give.
     `consume=True` is for stages that change the model (train, quantize): they take it out of the cache.
     """
     cached = ctx.models.pop(key, None) if consume else ctx.models.get(key)
     if cached is not None:
         ctx.log(f"reusing {key}'s model, loaded by the previous job of this process")
         return cached
-    release_models(ctx.models)  # one model at a time: free the last one before loading another
-    model, tokenizer = _load(ctx, key)
+    with ctx.phase("load"):  # the job's timing counts loading apart from compute
+        kept = _take_ancestor(ctx, key)
+        release_models(ctx.models)  # one model at a time: free the last one before loading another
+        model, tokenizer = _load(ctx, key, kept)
     if not consume:
         ctx.models[key] = (model, tokenizer)
     return model, tokenizer
@@ -62,19 +65,62 @@ def release_models(models: dict) -> None:
         torch.cuda.empty_cache()
 
 
-def _load(ctx: Context, key: str):
+def _take_ancestor(ctx: Context, key: str) -> dict:
+    """{ancestor: model} when the model kept from the previous job is one `key` is built on (a LoRA SFT's base, the
+    PTQ model under a LoRA QAT): taken out of the cache, since building on it changes it. Else {}."""
+    from engine.training import stage_outputs
+
+    for ancestor in stage_outputs.lineage(ctx.run_dir, key)[1:]:
+        if ancestor in ctx.models:
+            ctx.log(f"building {key} on {ancestor}'s model, loaded by the previous job of this process")
+            return {ancestor: ctx.models.pop(ancestor)[0]}
+    return {}
+
+
+def _load(ctx: Context, key: str, kept: dict | None = None):
+    from engine.training import stage_outputs
+
     path = model_path(ctx, key)
     trust = ctx.recipe.model.trust_remote_code
-    quantized = (Path(path) / "modelopt_state.pth").exists()
-    model = model_io.load_model(path, ctx.dtype, ctx.device, backend=backend(ctx) if quantized else None,
-                                trust_remote_code=trust)
+    # A stage that kept only adapters / quantizers is rebuilt from its parent (engine/training/stage_outputs.py).
+    model = stage_outputs.load(ctx.run_dir, key, ctx.dtype, ctx.device, backend(ctx), trust_remote_code=trust,
+                               kept=kept)
+    _as_loaded(ctx, model)
+    tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
+    return model, tokenizer
+
+
+def _as_loaded(ctx: Context, model) -> None:
+    """What every load does after reading a model: the fast experts path for a quantized one (engine/fp4/fast_experts)."""
     if model_io.is_modelopt_model(model) and ctx.recipe.hardware.fp4_backend == "auto":
         from engine.fp4 import fast_experts
 
         switched = fast_experts.enable(model)
         ctx.log(f"fast experts path on {switched} expert modules (fake quant once per forward, grouped_mm)")
-    tokenizer = model_io.load_tokenizer(path, trust_remote_code=trust)
-    return model, tokenizer
+
+
+def keep_model(ctx: Context, key: str, model, tokenizer) -> None:
+    """Offer the model a stage just saved to the next job of this process, as if open_model(key) had loaded it.
+
+    Only for a stage whose model in memory is exactly what loading its output gives: PTQ (calibration changes no
+    weight, and the quantizers it saved are this model's; tests/test_lora.py compares state and logits with a fresh
+    load). Its evaluation, chained next, then needs no second read of the model (a 13 GB base at 20b size).
+    """
+    release_models(ctx.models)
+    _as_loaded(ctx, model)
+    ctx.models[key] = (model, tokenizer)
+
+
+def reuses(needed: str | None, kept: str | None, run_dir: Path) -> int:
+    """How a job needing model `needed` uses the model `kept` in memory: 0 it is that model, 1 it is built on it
+    (stage_outputs.lineage), 2 not at all. claim_next_job takes the lowest first."""
+    from engine.training import stage_outputs
+
+    if kept is None or needed is None:
+        return 2
+    if needed == kept:
+        return 0
+    return 1 if kept in stage_outputs.lineage(run_dir, needed)[1:] else 2
 
 
 def model_needed(job: dict, recipe) -> str | None:

@@ -35,8 +35,7 @@ def run(ctx: Context) -> dict:
 
     if fmt != "bf16":
         reference_key = "sft" if ctx.recipe.sft.enabled else "prepare"
-        reference = evaluator.load_expert_weights(model_path(ctx, reference_key))
-        metrics.update(evaluator.weight_errors(model, reference))
+        metrics.update(evaluator.weight_errors(model, reference_weights(ctx, target, reference_key, model)))
         if ctx.recipe.sft.enabled:
             metrics.update(survival_metrics(ctx, model))
     ctx.store.put_eval(ctx.run_id, ctx.job_id, stage, fmt, metrics)
@@ -57,6 +56,26 @@ def survival_metrics(ctx: Context, model) -> dict:
             f"at the base's value; surviving delta {result['surviving_delta']:.3f}")
     return {"finetune_erased_share": result["erased_share"], "finetune_surviving_delta": result["surviving_delta"],
             "per_tensor_finetune_survival": result["per_tensor"]}
+
+
+def reference_weights(ctx: Context, target: str, reference_key: str, model) -> dict | None:
+    """The expert weights of the unquantized model this one came from, for the weight error.
+
+    Read from the reference's files when it is a whole model; a PTQ model that kept only its quantizers computes on
+    the reference's weights untouched, so its own master weights are the reference. A LoRA QAT model over a LoRA
+    SFT has no cheap reference (rebuilding the SFT model would take a second copy in memory): None, and the
+    table shows the error against the model's own master weights only."""
+    from engine.evaluation.evaluator import load_expert_weights
+    from engine.fp4 import modelopt_glue
+    from engine.training import stage_outputs
+
+    path = model_path(ctx, reference_key)
+    if not stage_outputs.is_lean(path):
+        return load_expert_weights(path)
+    if stage_outputs.expert_weights_in_memory(ctx.run_dir, target, reference_key):
+        return {item.name: item.weight.detach() for item in modelopt_glue.expert_weights(model)}
+    ctx.log(f"no weight error against {reference_key}: it is stored as adapters over its base")
+    return None
 
 
 def pick_examples(rows: list[dict], per_task: int) -> list[dict]:

@@ -38,7 +38,8 @@ def run(ctx: Context) -> dict:
 
     ctx.progress(0.2, f"writing the {fmt} checkpoint")
     out = export_dir(ctx.run_dir, fmt)
-    manifest = export(model, tokenizer, out, dtype=EXPORT_DTYPE)
+    with ctx.phase("save"):
+        manifest = export(model, tokenizer, out, dtype=EXPORT_DTYPE)
 
     ctx.progress(0.6, "verifying: reading the export back and comparing every expert weight")
     expected = modelopt_glue.effective_expert_weights(model)

@@ -23,6 +23,7 @@ from pathlib import Path
 from engine.runtime import distributed, failure_hints, processes, workspace
 from engine.recipe.configs import Recipe
 from engine.runtime.context import Context, pick_device
+from engine.runtime.job_timing import JobTiming, job_start_time
 from storage import Store
 
 
@@ -42,19 +43,21 @@ def main(argv: list[str] | None = None) -> int:
     if distributed.world_size() > 1:  # the engine must reach every rank on a hard kill: each has its own session
         store.register_rank(job["id"], os.getpid(), processes.start_time(os.getpid()))
     models: dict = {}  # kept from one job of the chain to the next (engine/stages/common.py: open_model)
-    code = run_job(store, workdir, job, models)
+    code = run_job(store, workdir, job, models, chained=False)
     while code == 0:
         job = claim_next_job(store, job, models)
         if job is None:
             break
-        code = run_job(store, workdir, job, models)
+        code = run_job(store, workdir, job, models, chained=True)
     return code
 
 
-def run_job(store: Store, workdir, job: dict, models: dict) -> int:
-    """Run one job's stage and record its outcome; 0 on success."""
+def run_job(store: Store, workdir, job: dict, models: dict, chained: bool) -> int:
+    """Run one job's stage and record its outcome; 0 on success. `chained`: claimed by this process after another
+    job (claim_next_job), so its time starts at that claim, not at the process's start."""
     run = store.get_run(job["run_id"])
     started = time.time()
+    timing = JobTiming(job_start_time(job, chained), Path(run["run_dir"]) if run.get("run_dir") else None)
     rank, main = distributed.rank(), distributed.is_main_process()
     where = f"rank {rank}/{distributed.world_size()}, " if distributed.world_size() > 1 else ""
     print(f"== job {job['id']} {job['config'].get('key', job['stage'])} (run {run['id']}, {where}pid {os.getpid()}) ==",
@@ -62,12 +65,15 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
     try:
         recipe = Recipe.model_validate(run["recipe"])
         device = _rank_device(pick_device(recipe, job["resources"]))
-        ctx = Context(store, workdir, run, job, recipe, device, models=models)
+        ctx = Context(store, workdir, run, job, recipe, device, models=models, timing=timing)
         from engine.stages import stage_function
 
-        result = stage_function(job["stage"])(ctx) or {}
+        stage = stage_function(job["stage"])  # imports the stage's module: part of start + imports
+        timing.stage_begins()
+        result = stage(ctx) or {}
+        timing.stage_ends()
         if main:
-            store.update_job(job["id"], progress=1.0, message=_summary(result))
+            store.update_job(job["id"], progress=1.0, message=_summary(result), timing=timing.result())
             store.finish_job(job["id"], "succeeded")
             print(f"== job {job['id']} succeeded (recorded by rank {rank})", flush=True)
         print(f"== done in {time.time() - started:.1f} s: {json.dumps(result, default=str)[:2000]}", flush=True)
@@ -78,6 +84,7 @@ def run_job(store: Store, workdir, job: dict, models: dict) -> int:
         print(detail, file=sys.stderr, flush=True)
         message = failure_hints.explain(exc, detail)
         if store.get_job(job["id"])["status"] == "running":  # first failure wins: later ranks fail because of it
+            store.update_job(job["id"], timing=timing.result())  # where the time went until it failed
             store.finish_job(job["id"], "failed", error=f"{where}{message}", error_detail=detail[-6000:])
             main = True  # this rank recorded the outcome: it refreshes the run below
         return 1
@@ -96,7 +103,7 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     launches them), runs with `hardware.reuse_process: false`, and anything after a failure (this process may be
     in a bad state: out of memory, say).
     """
-    from engine.stages.common import model_needed, release_models
+    from engine.stages.common import model_needed, release_models, reuses
 
     run = store.get_run(done["run_id"])
     recipe = Recipe.model_validate(run["recipe"])
@@ -107,18 +114,21 @@ def claim_next_job(store: Store, done: dict, models: dict) -> dict | None:
     # fresh process it paid 4.2 s of imports to write a summary (H200, 2026-12-03): the chain takes it too.
     ready = [j for j in store.ready_jobs(run["id"], done["resources"]) + store.ready_jobs(run["id"], "report")
              if not distributed.uses_accelerate(recipe, j["stage"])]
-    ready.sort(key=lambda j: (model_needed(j, recipe) != kept, j["id"]))  # the job that reuses the model first
+    run_dir = Path(run["run_dir"])
+    # The job that reuses the kept model first, then one built on it (a LoRA stage's adapters over it), then by id.
+    ready.sort(key=lambda j: (reuses(model_needed(j, recipe), kept, run_dir), j["id"]))
     for job in ready:
         log = workspace.log_path(Path(run["run_dir"]), job["id"], job["stage"], job["fmt"])
         claimed = store.claim_this_job(job["id"], os.getpid(), str(log), processes.start_time(os.getpid()))
         if claimed is None:
             continue  # taken meanwhile (or no longer ready): try the next one
-        if model_needed(claimed, recipe) != kept:
+        use = reuses(model_needed(claimed, recipe), kept, run_dir)
+        if use == 2:
             release_models(models)
         print(f"== chaining into job {claimed['id']} {claimed['config'].get('key')}; its log: {log}", flush=True)
         _redirect_output(log)
         print(f"(runs in the process of job {done['id']}: imports already done"
-              f"{f', {kept} already loaded' if kept and model_needed(claimed, recipe) == kept else ''})", flush=True)
+              f"{f', {kept} already loaded' if use < 2 else ''})", flush=True)
         return claimed
     return None
 

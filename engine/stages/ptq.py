@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from engine.fp4 import model_io, modelopt_glue
+from engine.fp4 import modelopt_glue
 from engine.runtime.context import Context
-from engine.stages.common import backend, load_splits, open_model
+from engine.stages.common import backend, keep_model, load_splits, open_model
+from engine.training import stage_outputs
 
 
 def run(ctx: Context) -> dict:
@@ -28,8 +29,11 @@ def run(ctx: Context) -> dict:
                            cfg.block_size)
     summary = modelopt_glue.quant_summary(model)
     out = ctx.model_dir(f"ptq:{fmt}")
-    model_io.save_model_atomic(model, tokenizer, out)
+    # The quantizers only, and a pointer to `source`: calibration changes no weight (engine/training/stage_outputs.py).
+    with ctx.phase("save"):
+        stage_outputs.save_quantized(out, source, model, tokenizer)
     (out / "quant_summary.json").write_text(json.dumps(summary, indent=1))
+    keep_model(ctx, f"ptq:{fmt}", model, tokenizer)  # its evaluation, chained next, needs no second load
     enabled = [row for row in summary if row["enabled"]]
     return {"format": fmt, "quantizers_enabled": len(enabled), "quantizers_total": len(summary)}
 

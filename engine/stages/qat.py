@@ -2,8 +2,8 @@
 
 Runs modelopt's QATSFTTrainer (TRL's SFTTrainer plus modelopt's state handling) on the PTQ model, so QAT starts
 from exactly the calibrated quantizers the PTQ baseline was evaluated with. With LoRA the base weights stay frozen
-and the adapters train through the fake quantizers; they are merged before saving (engine/training/lora.py says exactly what
-the merged, exported weights are).
+and the adapters train through the fake quantizers; only they are saved, and merged when a later stage loads the model
+(engine/training/stage_outputs.py; engine/training/lora.py says exactly what the merged, exported weights are).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ def run(ctx: Context) -> dict:
     trainer = hf_trainer.make_trainer(trainer_class(), ctx, cfg, out, model, tokenizer, load_splits(ctx), f"QAT {fmt}",
                                     quant_args=None)  # already quantized by the PTQ stage
     metrics = hf_trainer.train(trainer, ctx, out)
-    merge = (lambda _: lora.merge(adapters)) if adapters is not None else None
-    hf_trainer.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"), merge=merge)
+    # LoRA: the adapters + quantizer buffers and a pointer to the PTQ model; merged when a later stage loads it.
+    with ctx.phase("save"):
+        hf_trainer.save_final(trainer, tokenizer, ctx.model_dir(f"qat:{fmt}"),
+                              adapters_of=f"ptq:{fmt}" if adapters is not None else None, adapters=adapters)
     return hf_trainer.stage_result(metrics)
 
 

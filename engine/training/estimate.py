@@ -323,8 +323,52 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
 
     attention = resolve(hw.attention, "cuda" if cuda else "cpu")
     chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
-    return estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
-                    strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,
-                    dtype=dtype, gpu_memory_gib=gpu_memory_gib, gradient_checkpointing=train.gradient_checkpointing,
-                    lora_r=train.lora_r, lora_target_experts=train.lora_target_experts, attention=attention,
-                    chunked_loss=chunked)
+    result = estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
+                      strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,
+                      dtype=dtype, gpu_memory_gib=gpu_memory_gib, gradient_checkpointing=train.gradient_checkpointing,
+                      lora_r=train.lora_r, lora_target_experts=train.lora_target_experts, attention=attention,
+                      chunked_loss=chunked)
+    result["disk_gib"] = disk_estimate(recipe, model, 4 if dtype == "float32" else 2)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- disk
+
+CHECKPOINTS_KEPT = 2  # the Trainer's save_total_limit (engine/training/hf_trainer.py)
+ADAM_BYTES = 8  # two fp32 moments per trained adapter parameter (adapters are fp32); dtype-sized for full training
+
+
+def disk_estimate(recipe, c: dict, dtype_bytes: int = 2) -> dict:
+    """GiB the run writes under runs/<id>/ (the base model stays where it is and is not copied), by part.
+
+    What each stage keeps (engine/training/stage_outputs.py): LoRA SFT / QAT their adapters (fp32) and up to two
+    resumable checkpoints (adapters + AdamW moments); full SFT / QAT a whole model in the training dtype and
+    checkpoints of weights + moments; PTQ its quantizers (scalar amax values: kilobytes); exports the FP4 experts
+    (4 bits + one scale byte per block: 32 for MXFP4 and NVFP4 weight-only, 16 for W4A4) and the rest in BF16.
+    Nothing is deleted during a run, so the total is also the peak, plus the one output being written (`.tmp`).
+    """
+    counts = parameter_counts(c)
+    total, expert = counts["total"], counts["experts"]
+    out: dict[str, float] = {}
+    formats = list(recipe.ptq.formats) if recipe.qat.enabled or recipe.ptq.formats else []
+    for stage, runs in (("sft", 1), ("qat", len(formats))):
+        train = getattr(recipe, stage)
+        if not train.enabled or not runs:
+            continue
+        if train.lora:
+            layers = None if train.lora_expert_layers is None else len(train.lora_expert_layers)
+            trained = lora_parameters(c, train.lora_r, train.lora_target_experts, layers)
+            model_bytes, moment_bytes = trained * 4, trained * ADAM_BYTES
+        else:
+            model_bytes, moment_bytes = total * dtype_bytes, total * 2 * dtype_bytes
+        saves = CHECKPOINTS_KEPT if train.max_steps < 0 else min(CHECKPOINTS_KEPT, train.max_steps // train.save_steps)
+        out[stage] = runs * (model_bytes + saves * (model_bytes + moment_bytes)) / GIB
+    if formats:
+        out["ptq"] = len(formats) * 1e6 / GIB  # quantizer state: well under a megabyte each
+    if recipe.export.enabled and recipe.qat.enabled:
+        other = (total - expert) * 2
+        for fmt in formats:
+            block = 16 if fmt == "nvfp4_w4a4" else 32
+            out[f"export {fmt}"] = (expert * (0.5 + 1 / block) + other) / GIB
+    out["total"] = sum(out.values())
+    return {k: round(v, 2) for k, v in out.items()}

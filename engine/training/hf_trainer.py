@@ -7,15 +7,19 @@ already fake-quantized model. Loss is on assistant tokens only (the chat templat
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
 
 from engine.recipe.configs import TrainConfig
 from engine.runtime.context import Context
 from engine.runtime.workspace import NO_CHECKPOINT, latest_checkpoint  # noqa: F401 - part of this module's API
+
+TRAINABLE_FILE = "trainable.safetensors"  # LoRA QAT checkpoints: the adapters only (AtomicCheckpoints._save)
 
 
 class StoreMetricsCallback(TrainerCallback):
@@ -207,8 +211,6 @@ def atomic_trainer(base: type) -> type:
 
     class AtomicCheckpoints(base):
         def _save_checkpoint(self, model, trial):
-            import os
-
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             final_root = self.args.output_dir
@@ -229,6 +231,34 @@ def atomic_trainer(base: type) -> type:
                 os.replace(os.path.join(staging, name), target)
                 _rotate(Path(final_root), self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
+
+        def _save(self, output_dir=None, state_dict=None):
+            if not _injected_adapters(self.model):
+                return super()._save(output_dir, state_dict)
+            # Adapters injected in place (LoRA QAT): the Trainer would write the whole model (42 GB at 20b) into
+            # every checkpoint, though only the adapters train. Resume needs only those (and the optimizer, which
+            # the Trainer saves beside them).
+            from safetensors.torch import save_file
+
+            os.makedirs(output_dir, exist_ok=True)
+            trainable = {n: p.detach().to("cpu").contiguous() for n, p in self.model.named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, os.path.join(output_dir, TRAINABLE_FILE), metadata={"format": "pt"})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            path = os.path.join(resume_from_checkpoint, TRAINABLE_FILE)
+            if not os.path.exists(path):
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            from safetensors.torch import load_file
+
+            params = dict((model or self.model).named_parameters())
+            saved = load_file(path)
+            wrong = sorted(set(saved) ^ {n for n, p in params.items() if p.requires_grad})
+            if wrong:
+                raise ValueError(f"{path}: the checkpoint's trainable parameters do not match this model's: {wrong[:5]}")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value.to(params[name].device))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             fsdp = getattr(self, "is_fsdp_enabled", False)
@@ -251,11 +281,13 @@ def atomic_trainer(base: type) -> type:
     return AtomicCheckpoints
 
 
-def save_final(trainer, tokenizer, out_dir: Path, merge=None) -> Path:
+def save_final(trainer, tokenizer, out_dir: Path, adapters_of: str | None = None, adapters=None) -> Path:
     """Write the trained model as the stage's output (atomically), from the main process only.
 
-    One process or DDP: every rank holds the whole model; the main one saves it. `merge(model) -> model` merges
-    LoRA adapters first (W + BA; engine/training/lora.py).
+    One process or DDP: every rank holds the whole model; the main one saves it. With LoRA (`adapters_of` = the job
+    key of the model the adapters sit on) only the adapters are written, with a pointer to that model
+    (engine/training/stage_outputs.py): `adapters` is the LoraModel lora.add_adapters injected (QAT), else the
+    trainer's PeftModel (SFT); a quantized model's quantizer buffers go with them.
     FSDP2 / ZeRO-3: the weights are sharded, so all ranks call `trainer.save_model`, which gathers the full state
     dict and writes it on the main process; then the main process renames it into place.
     """
@@ -273,11 +305,26 @@ def save_final(trainer, tokenizer, out_dir: Path, merge=None) -> Path:
         if trainer.args.should_save:
             tokenizer.save_pretrained(str(tmp))
             model_io.replace_dir(tmp, out_dir)
-    elif trainer.args.should_save:
+    elif trainer.args.should_save and adapters_of is not None:
+        from engine.fp4 import modelopt_glue
+        from engine.training import stage_outputs
+
         model = accelerator.unwrap_model(trainer.model)
-        model_io.save_model_atomic(merge(model) if merge else model, tokenizer, out_dir)
+        quantized = model if modelopt_glue.is_quantized(model) else None
+        stage_outputs.save_adapter(out_dir, adapters_of, adapters if adapters is not None else model, tokenizer,
+                                   quantized_model=quantized)
+    elif trainer.args.should_save:
+        model_io.save_model_atomic(accelerator.unwrap_model(trainer.model), tokenizer, out_dir)
     accelerator.wait_for_everyone()
     return out_dir
+
+
+def _injected_adapters(model) -> bool:
+    """LoRA injected into the model itself (lora.add_adapters, QAT), not wrapped in a PeftModel (TRL, SFT; peft
+    saves only the adapters of a PeftModel already)."""
+    from peft import PeftModel
+
+    return not isinstance(model, PeftModel) and any("lora_" in n for n, _ in model.named_parameters())
 
 
 def _has_fused_lm_head(base: type) -> bool:

@@ -33,9 +33,10 @@ for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
 done
 export OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"  # exported: the attention tests write their JSON there
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -f /tmp/site/.installed ]; then  # once per machine: two device.sh may run side by side
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || { echo "wheel install failed"; exit 1; }
+  touch /tmp/site/.installed
 fi
 export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export TORCH_EXTENSIONS_DIR=/tmp/torch_extensions HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

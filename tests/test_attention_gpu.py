@@ -143,7 +143,8 @@ def layer_mask(cfg, impl: str, mask2d: torch.Tensor, dtype, layer_type: str):
     return build(config=cfg, inputs_embeds=embeds, attention_mask=mask2d, cache=None)
 
 
-@pytest.mark.parametrize("length", [1024, 4096])
+# 68: a batch shorter than 128 tokens, where Inductor's flex-decoding kernel failed to compile (H200, 2026-12-03)
+@pytest.mark.parametrize("length", [68, 1024, 4096])
 @pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])
 def test_kernel_forward_and_input_and_sink_gradients_within_bf16_error_of_eager(length, layer_type):
     """sink_flex_attention alone against transformers' eager_attention_forward, on the masks transformers builds

@@ -183,12 +183,16 @@ def _compiled():
 
 def _flex_compiled(query, key, value, block_mask, scale):
     """(output, natural-log lse in fp32) from the compiled kernel."""
+    # Always the training kernel: for batches shorter than 128 tokens Inductor picks its flex-decoding kernel, which
+    # found no valid config for these inputs and failed to compile (H200, torch 2.11, 2026-12-03: a batch of 68).
+    options = {"FORCE_USE_FLEX_ATTENTION": True}
     try:
         from torch.nn.attention.flex_attention import AuxRequest
     except ImportError:  # torch < 2.9: the LSE was a flag
-        return _compiled()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True)
+        return _compiled()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True, return_lse=True,
+                           kernel_options=options)
     out, aux = _compiled()(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=True,
-                           return_aux=AuxRequest(lse=True))
+                           return_aux=AuxRequest(lse=True), kernel_options=options)
     return out, aux.lse
 
 

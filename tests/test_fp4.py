@@ -341,3 +341,18 @@ def test_weights_quantized_once_computes_the_same_numbers_and_restores_the_maste
     for item in modelopt_glue.expert_weights(model):
         assert item.quantizer.is_enabled
         assert torch.equal(item.weight, masters[item.name]), item.name
+
+
+def test_weights_quantized_once_leaves_a_model_with_live_adapters_alone():
+    """An adapter on an expert weight is added before quantization: fixing the quantized weights would drop it."""
+    from peft import LoraConfig, get_peft_model
+
+    from engine.fp4 import modelopt_glue
+
+    torch_backend.register()
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(4))
+    model = mtq.quantize(tiny_gpt_oss(), with_backend(mtq.MXFP4_MLP_WEIGHT_ONLY_CFG), lambda m: m(input_ids=ids))
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with modelopt_glue.weights_quantized_once(model) as fixed:
+        assert fixed == 0
+        assert all(item.quantizer.is_enabled for item in modelopt_glue.expert_weights(model))

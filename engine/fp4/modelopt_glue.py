@@ -179,11 +179,13 @@ def weights_quantized_once(model: nn.Module) -> Iterator[int]:
     batch of the same weights. The model computes with exactly the same numbers (tests/test_fp4.py compares logits
     bit for bit); input quantizers (W4A4) stay on. The masters wait on the CPU (at 20b size the expert weights are
     ~26 GB in bf16) and are put back bit-exact on exit, also on error: QAT may train this model next. Yields the
-    number of weights fixed (0 for a model without enabled weight quantizers)."""
+    number of weights fixed (0 for a model without enabled weight quantizers, and for one with live LoRA adapters:
+    an adapter on an expert weight is added before quantization, which fixed weights would not reproduce)."""
     stash = []
+    live_adapters = any("lora_" in name for name, _ in model.named_parameters())
     try:
         with torch.no_grad():
-            for item in expert_weights(model):
+            for item in ([] if live_adapters else expert_weights(model)):
                 if item.quantizer is None or not item.quantizer.is_enabled:
                     continue
                 effective = apply_weight_quantizer(item.quantizer, item.weight)

@@ -37,6 +37,8 @@ def test_phases_add_up(tmp_path):
         with timing.phase("train"):
             pass
     assert "load 0.2 s" in format_timing(result) and format_timing(None) == ""
+    gpu = format_timing({**result, "peak_gpu_gib": 40.25, "peak_gpu_reserved_gib": 61.0})
+    assert "peak GPU 40.2 GiB (reserved 61.0)" in gpu or "peak GPU 40.3 GiB (reserved 61.0)" in gpu
 
 
 def test_only_a_process_s_first_job_pays_for_its_start():

@@ -71,7 +71,8 @@ def pick(state: AppState, frame: pd.DataFrame, evt: gr.SelectData):
 
 
 TIMING_COLUMNS = (("start_imports_s", "start + imports s"), ("load_s", "load s"), ("compute_s", "compute s"),
-                  ("save_s", "save s"), ("peak_gpu_gib", "peak GPU GiB"), ("disk_written_gib", "disk written GiB"))
+                  ("save_s", "save s"), ("peak_gpu_gib", "peak GPU GiB"), ("peak_gpu_reserved_gib", "reserved GiB"),
+                  ("disk_written_gib", "disk written GiB"))
 
 
 def timing_html(store, run_id: str) -> str:

@@ -62,7 +62,8 @@ def run_killed_and_resumed(workdir: Path) -> tuple:
     wait_for(lambda: db.exists(), timeout=300, what="the run to be queued")
     store = Store(db)
     run_id = wait_for(lambda: store.list_runs() and store.list_runs()[0]["id"], timeout=60, what="the run")
-    sft = next(j for j in store.list_jobs(run_id) if j["stage"] == "sft")
+    sft = wait_for(lambda: next((j for j in store.list_jobs(run_id) if j["stage"] == "sft"), None), timeout=60,
+                   what="the run's jobs")
     ckpts = checkpoint_dir(Path(store.get_run(run_id)["run_dir"]), "sft")
 
     def past_a_checkpoint() -> bool:  # steps logged after the newest checkpoint: resume must drop them

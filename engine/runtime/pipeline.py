@@ -70,11 +70,14 @@ def resources_for(recipe: Recipe, cuda_available: bool) -> str:
 
 def enqueue(store: Store, recipe: Recipe, workdir: Path, cuda_available: bool | None = None) -> str:
     """Create the run and its queued jobs; returns the run id."""
+    # Where the jobs run is known before the run exists: asking CUDA imports torch (seconds), and a run listed
+    # without its jobs meanwhile is one a reader (the app, `status`, a test) takes for empty.
+    resources = resources_for(recipe, _cuda(cuda_available))
     run_id = store.create_run(recipe.name, recipe.model_dump(mode="json"))
     root = run_dir(workdir, run_id)
     root.mkdir(parents=True, exist_ok=True)
     store.update_run(run_id, run_dir=str(root))
-    _add_jobs(store, run_id, plan(recipe), {}, resources_for(recipe, _cuda(cuda_available)))
+    _add_jobs(store, run_id, plan(recipe), {}, resources)
     return run_id
 
 

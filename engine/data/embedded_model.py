@@ -161,7 +161,7 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _lr_factor(step: int, steps: int) -> float:
+def lr_factor(step: int, steps: int) -> float:
     """Linear warm-up, then cosine down to min_lr_ratio of the peak."""
     warmup = min(PRETRAIN["warmup_steps"], max(1, steps // 10))
     if step < warmup:
@@ -172,7 +172,7 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 @contextmanager
-def _deterministic_torch() -> Iterator[None]:
+def deterministic_torch() -> Iterator[None]:
     """Multi-threaded CPU backward (the embedding's scatter-add) is not bit-reproducible otherwise."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True)
@@ -201,15 +201,15 @@ def pretrain(
     examples = encode_rows(tokenizer, demo_tasks.pretrain_rows(steps * batch_size, seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], betas=PRETRAIN["betas"],
                                   weight_decay=PRETRAIN["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     log_every = max(1, min(50, steps // 10))
-    with _deterministic_torch():
-        _train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log, on_step)
+    with deterministic_torch():
+        train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log, on_step)
     model.eval()
     return model.to("cpu")
 
 
-def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
+def train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, pad_id: int,
                 steps: int, log_every: int, log: Callable[[str], None],
                 on_step: Callable[[int, int], None] | None = None) -> None:

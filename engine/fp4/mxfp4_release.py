@@ -62,14 +62,15 @@ def mxfp4_qat(model, tokenizer, steps: int, seed: int, log: Callable[[str], None
 
 
 def ensure_mxfp4_base(cache_root: Path, steps: int = 600, log: Callable[[str], None] = print, seed: int = 0,
-                      device: str = "cpu", on_step: Callable[[int, int], None] | None = None) -> Path:
+                      device: str = "cpu", on_step: Callable[[int, int], None] | None = None,
+                      shape: dict | None = None) -> Path:
     """The embedded base as an OpenAI-layout MXFP4 checkpoint (BF16 pre-training, then the MXFP4 QAT phase),
     built once and cached beside the BF16 base; later calls return it at once."""
     from transformers import GptOssForCausalLM
 
     cache_root = Path(cache_root)
     base_dir = embedded_model.ensure_tiny_base(cache_root, steps=steps, log=log, seed=seed, device=device,
-                                               on_step=on_step)
+                                               on_step=on_step, shape=shape)
     target = cache_root / f"tiny-gpt-oss-mxfp4-{release_key(base_dir)}"
     if (target / "config.json").exists():
         log(f"tiny MXFP4 base cached at {target}")

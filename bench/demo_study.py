@@ -102,6 +102,7 @@ def judge(model, tokenizer, rows, recipe, base_experts=None) -> dict:
         passed = [bool(r["verdict"]["passed"]) for r in results if (r["row"].get("task") or "default") == task]
         out[task] = {"pass": sum(passed) / len(passed), "ci95": evaluator.wilson_half_width(sum(passed), len(passed)),
                      "n": len(passed)}
+    out["answers"] = [r["completion"].get("raw", "") for r in results]
     if base_experts is not None:
         kept = survival.fine_tune_survival(model, base_experts)
         if kept is not None:
@@ -139,6 +140,9 @@ def run_setting(setting: dict, recipe, data: dict, cache: Path) -> dict:
         result["models"][f"control:{fmt}"] = judge(quantize(control, tokenizer, fmt, recipe, data["train"]),
                                                    tokenizer, data["eval"], recipe, base_experts)
     result["seconds"] = round(time.perf_counter() - started, 1)
+    sft_answers = result["models"]["sft"]["answers"]
+    for m in result["models"].values():  # how many greedy answers differ from SFT's (0: quantization changed nothing)
+        m["answers_changed"] = sum(a != b for a, b in zip(m.pop("answers"), sft_answers))
     return result
 
 
@@ -153,15 +157,16 @@ def story(models: dict, fmt: str, task: str) -> dict:
 
 def print_table(result: dict) -> None:
     models = result["models"]
-    tasks = [t for t in models["sft"] if t != "survival"]
+    tasks = [t for t in models["sft"] if isinstance(models["sft"][t], dict) and t != "survival"]
     print(f"\n### shape {result['shape']}, base {result['base']}, SFT lr {result['sft_lr']:g} "
           f"({result['seconds']:.0f} s)\n")
-    print("| model | " + " | ".join(tasks) + " | erased share | surviving delta |")
-    print("|---|" + "---|" * (len(tasks) + 2))
+    print("| model | " + " | ".join(tasks) + " | answers != SFT's | erased share | surviving delta |")
+    print("|---|" + "---|" * (len(tasks) + 3))
     for name, m in models.items():
         cells = [f"{100 * m[t]['pass']:.1f} ± {100 * m[t]['ci95']:.1f}" for t in tasks]
         kept = m.get("survival")
-        extra = [f"{kept['erased_share']:.2f}", f"{kept['surviving_delta']:.2f}"] if kept else ["", ""]
+        extra = [str(m["answers_changed"])]
+        extra += [f"{kept['erased_share']:.2f}", f"{kept['surviving_delta']:.2f}"] if kept else ["", ""]
         print(f"| {name} | " + " | ".join(cells + extra) + " |")
     for fmt in result["formats"]:
         for task in tasks:
@@ -202,8 +207,8 @@ def main(argv=None) -> int:
     data = {"train": train_rows, "eval": pick_examples(eval_rows, recipe.eval.max_examples_per_task)}
     print(f"{len(data['eval'])} held-out conversations; recipe {args.recipe}; torch {torch.__version__}")
     for shape in args.shapes.split(","):
-        for base in args.bases.split(","):
-            for lr in (float(x) for x in args.sft_lrs.split(",")):
+        for lr in (float(x) for x in args.sft_lrs.split(",")):
+            for base in args.bases.split(","):  # innermost: the two bases side by side at each lr
                 setting = {"shape": shape, "base": base, "sft_lr": lr, "formats": args.formats.split(","),
                            "date": time.strftime("%Y-%m-%d")}
                 result = run_setting(setting, recipe, data, args.cache)

@@ -22,7 +22,6 @@ setting as it finishes. Recorded, with the date, in docs/demo_study.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import random
@@ -78,15 +77,28 @@ def train(model, tokenizer, cfg, recipe, rows, quantized: bool):
     return model
 
 
+def fresh_copy(model, path: Path):
+    """An independent copy of a trained model: the base loaded again with the trained weights.
+
+    Not copy.deepcopy: the Trainer leaves an instance-level `forward` bound to the model it trained (accelerate's
+    wrapper), so a deep copy runs the *original* model's modules. Measured: zeroing a deep copy's expert weights
+    left its logits unchanged (max |diff| 0.0), which made every copy evaluate as SFT."""
+    from engine.fp4 import model_io
+
+    copy_ = model_io.load_model(path, torch.float32, torch.device("cpu"))
+    copy_.load_state_dict(model.state_dict(), strict=True)
+    return copy_
+
+
 def quantize(model, tokenizer, fmt: str, recipe, train_rows):
-    """The PTQ stage on a copy of `model`: same calibration rows, loop and backend; plus the fast experts path."""
+    """The PTQ stage on `model` (a fresh copy): same calibration rows, loop and backend; plus the fast experts path."""
     from engine.fp4 import fast_experts, modelopt_glue
     from engine.stages.ptq import calibration_loop
 
     cfg = recipe.ptq
     calib = random.Random(cfg.calib_size).sample(train_rows, min(cfg.calib_size, len(train_rows)))
     backend = modelopt_glue.resolve_backend(recipe.hardware.fp4_backend, "cpu")
-    quantized = modelopt_glue.quantize(copy.deepcopy(model), fmt, calibration_loop(tokenizer, calib,
+    quantized = modelopt_glue.quantize(model, fmt, calibration_loop(tokenizer, calib,
                                        recipe.data.max_length), backend, cfg.block_size)
     fast_experts.enable(quantized)
     return quantized
@@ -131,13 +143,14 @@ def run_setting(setting: dict, recipe, data: dict, cache: Path) -> dict:
     sft = train(model, tokenizer, sft_cfg, recipe, data["train"], quantized=False)
     times["sft"] = time.perf_counter() - started
     result = {**setting, "models": {"sft": judge(sft, tokenizer, data["eval"], recipe)}}
-    control = train(copy.deepcopy(sft), tokenizer, recipe.qat, recipe, data["train"], quantized=False)
+    control = train(fresh_copy(sft, path), tokenizer, recipe.qat, recipe, data["train"], quantized=False)
     for fmt in setting["formats"]:
-        ptq = quantize(sft, tokenizer, fmt, recipe, data["train"])
+        ptq = quantize(fresh_copy(sft, path), tokenizer, fmt, recipe, data["train"])
         result["models"][f"ptq:{fmt}"] = judge(ptq, tokenizer, data["eval"], recipe, base_experts)
         qat = train(ptq, tokenizer, recipe.qat, recipe, data["train"], quantized=True)
         result["models"][f"qat:{fmt}"] = judge(qat, tokenizer, data["eval"], recipe, base_experts)
-        result["models"][f"control:{fmt}"] = judge(quantize(control, tokenizer, fmt, recipe, data["train"]),
+        result["models"][f"control:{fmt}"] = judge(quantize(fresh_copy(control, path), tokenizer, fmt, recipe,
+                                                            data["train"]),
                                                    tokenizer, data["eval"], recipe, base_experts)
     result["seconds"] = round(time.perf_counter() - started, 1)
     sft_answers = result["models"]["sft"]["answers"]

@@ -29,6 +29,17 @@ def test_tiny_config_mirrors_gpt_oss_in_miniature():
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (4, 128, 256)
 
 
+def test_other_expert_shapes_get_their_own_cache_key():
+    """bench/demo_study.py tries other shapes; the default's key must not move (cached bases stay valid)."""
+    shape = {"num_local_experts": 16, "num_experts_per_tok": 2}
+    config = embedded_model.tiny_config(embedded_model.VOCAB_SIZE, shape)
+    assert (config.num_local_experts, config.num_experts_per_tok, config.intermediate_size) == (16, 2, 128)
+    assert embedded_model.cache_key(STEPS, 0, shape=shape) != embedded_model.cache_key(STEPS, 0)
+    assert embedded_model.cache_key(STEPS, 0, shape=dict(embedded_model.SHAPE)) == embedded_model.cache_key(STEPS, 0)
+    with pytest.raises(ValueError, match="shape keys"):
+        embedded_model.tiny_config(embedded_model.VOCAB_SIZE, {"hidden_size": 64})
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One thread: on a shared 2-core machine two torch threads spin-wait on each other and run several times

@@ -90,11 +90,19 @@ def special_id(token: str) -> int:
 # ---------------------------------------------------------------- model
 
 
-def tiny_config(vocab_size: int) -> GptOssConfig:
-    """gpt-oss in miniature: 2 layers, 4 experts (top-2), intermediate 128 (a multiple of the FP4 block of 32)."""
+# The experts' shape: 4 experts (top-2), intermediate 128 (a multiple of the FP4 block of 32). bench/demo_study.py
+# tries other shapes through `shape=` (same keys); a base of another shape gets another cache key (its config differs).
+SHAPE = {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 128}
+
+
+def tiny_config(vocab_size: int, shape: dict | None = None) -> GptOssConfig:
+    """gpt-oss in miniature: 2 layers, hidden 128, the experts of SHAPE (or `shape`, keys as SHAPE's)."""
+    experts = {**SHAPE, **(shape or {})}
+    if set(experts) != set(SHAPE):
+        raise ValueError(f"shape keys must be among {sorted(SHAPE)}; got {sorted(shape or {})}")
     config = GptOssConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-        num_local_experts=4, num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2, **experts,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
         sliding_window=64, layer_types=["sliding_attention", "full_attention"],
         max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False,
         bos_token_id=special_id(BOS_TOKEN), eos_token_id=special_id(EOS_TOKEN), pad_token_id=special_id(PAD_TOKEN),
@@ -122,10 +130,11 @@ def _file_sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def cache_key(steps: int, seed: int, tokenizer_dir: Path = TOKENIZER_DIR, device: str = "cpu") -> str:
+def cache_key(steps: int, seed: int, tokenizer_dir: Path = TOKENIZER_DIR, device: str = "cpu",
+              shape: dict | None = None) -> str:
     """Identifies a pre-trained base: same key, same weights. A base trained on a GPU gets its own key (its float
     rounding differs from the CPU's; each is deterministic on its own kind of device)."""
-    config = tiny_config(VOCAB_SIZE).to_dict()
+    config = tiny_config(VOCAB_SIZE, shape).to_dict()
     config.pop("transformers_version", None)
     tokenizer_files = [_file_sha(tokenizer_dir / f) for f in ("tokenizer.json", "tokenizer_config.json")]
     fields = {
@@ -161,7 +170,7 @@ def _collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def _lr_factor(step: int, steps: int) -> float:
+def lr_factor(step: int, steps: int) -> float:
     """Linear warm-up, then cosine down to min_lr_ratio of the peak."""
     warmup = min(PRETRAIN["warmup_steps"], max(1, steps // 10))
     if step < warmup:
@@ -172,7 +181,7 @@ def _lr_factor(step: int, steps: int) -> float:
 
 
 @contextmanager
-def _deterministic_torch() -> Iterator[None]:
+def deterministic_torch() -> Iterator[None]:
     """Multi-threaded CPU backward (the embedding's scatter-add) is not bit-reproducible otherwise."""
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True)
@@ -184,7 +193,7 @@ def _deterministic_torch() -> Iterator[None]:
 
 def pretrain(
     tokenizer: PreTrainedTokenizerBase, steps: int, seed: int, log: Callable[[str], None], device: str = "cpu",
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None, shape: dict | None = None,
 ) -> GptOssForCausalLM:
     """Plain fp32 torch loop. Loss on assistant tokens only: the prompts are templates with random slot values,
     so predicting them would spend the small model's capacity on noise instead of the behaviour we evaluate.
@@ -195,21 +204,21 @@ def pretrain(
     assert len(tokenizer) <= VOCAB_SIZE, "retrain the tokenizer or raise VOCAB_SIZE"
     if device != "cpu":  # cuBLAS is deterministic only with a fixed workspace (set before its first call)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    model = GptOssForCausalLM(tiny_config(VOCAB_SIZE)).to(device)
+    model = GptOssForCausalLM(tiny_config(VOCAB_SIZE, shape)).to(device)
     model.train()
     batch_size = PRETRAIN["batch_size"]
     examples = encode_rows(tokenizer, demo_tasks.pretrain_rows(steps * batch_size, seed))
     optimizer = torch.optim.AdamW(model.parameters(), lr=PRETRAIN["lr"], betas=PRETRAIN["betas"],
                                   weight_decay=PRETRAIN["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     log_every = max(1, min(50, steps // 10))
-    with _deterministic_torch():
-        _train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log, on_step)
+    with deterministic_torch():
+        train_loop(model, examples, optimizer, scheduler, tokenizer.pad_token_id, steps, log_every, log, on_step)
     model.eval()
     return model.to("cpu")
 
 
-def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
+def train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[int]]],
                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, pad_id: int,
                 steps: int, log_every: int, log: Callable[[str], None],
                 on_step: Callable[[int, int], None] | None = None) -> None:
@@ -229,7 +238,8 @@ def _train_loop(model: GptOssForCausalLM, examples: list[tuple[list[int], list[i
 
 
 def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], None] = print, seed: int = 0,
-                     device: str = "cpu", on_step: Callable[[int, int], None] | None = None) -> Path:
+                     device: str = "cpu", on_step: Callable[[int, int], None] | None = None,
+                     shape: dict | None = None) -> Path:
     """Pre-train the embedded base model once and cache it; later calls return the cached directory at once.
     `on_step(step, steps)` is called each time a step is logged (about every tenth of the run): job progress.
 
@@ -238,7 +248,7 @@ def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], No
     leaves a half-written cache.
     """
     cache_root = Path(cache_root)
-    target = cache_root / f"tiny-gpt-oss-base-{cache_key(steps, seed, device=device)}"
+    target = cache_root / f"tiny-gpt-oss-base-{cache_key(steps, seed, device=device, shape=shape)}"
     if (target / "config.json").exists():
         log(f"tiny base model cached at {target}")
         return target
@@ -246,7 +256,7 @@ def ensure_tiny_base(cache_root: Path, steps: int = 600, log: Callable[[str], No
     tokenizer = load_tokenizer()
     log(f"pre-training the tiny gpt-oss base model ({steps} steps, seed {seed}, on {device}) ...")
     started = time.perf_counter()
-    model = pretrain(tokenizer, steps, seed, log, device, on_step)
+    model = pretrain(tokenizer, steps, seed, log, device, on_step, shape)
     seconds = time.perf_counter() - started
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-base-", dir=cache_root))
     try:

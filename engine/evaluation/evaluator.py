@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.data import harmony
-from engine.fp4 import modelopt_glue
+from engine.fp4 import modelopt_glue, torch_backend
 from engine.evaluation.scoring import judge
 
 
@@ -124,18 +124,28 @@ def wilson_half_width(successes: int, n: int, z: float = 1.96) -> float:
 
 
 def load_expert_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Only the MoE expert tensors of a saved model, read straight from its safetensors files."""
+    """Only the MoE expert tensors of a saved model, (E, in, out), read straight from its safetensors files.
+
+    An OpenAI-layout MXFP4 checkpoint (gpt-oss as released, and the embedded MXFP4 base) stores them as
+    `_blocks` / `_scales`: decoded here to the values `Mxfp4Config(dequantize=True)` loads (exact in float32)."""
     from safetensors import safe_open
 
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
+    names = tuple(f"mlp.experts.{w}" for w in modelopt_glue.EXPERT_WEIGHTS)
+    out, packed = {}, {}
     for name in files:
         with safe_open(str(model_dir / name), framework="pt") as f:
             for key in f.keys():
-                if key.endswith(tuple(f"mlp.experts.{w}" for w in modelopt_glue.EXPERT_WEIGHTS)):
+                if key.endswith(names):
                     out[key] = f.get_tensor(key)
+                elif key.endswith(tuple(f"{n}_blocks" for n in names) + tuple(f"{n}_scales" for n in names)):
+                    packed[key] = f.get_tensor(key)
+    for key in [k for k in packed if k.endswith("_blocks")]:
+        base = key.removesuffix("_blocks")
+        # (E, out, in/32, 16) blocks + (E, out, in/32) scales -> (E, out, in) -> transformers' (E, in, out)
+        out[base] = torch_backend.mxfp4_decode(packed[key], packed[f"{base}_scales"], torch.float32).transpose(-1, -2)
     return out
 
 

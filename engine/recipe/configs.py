@@ -48,6 +48,12 @@ class ModelConfig(StageConfig):
         600, ge=1, le=100_000,
         description="Embedded model only: optimizer steps of the deterministic base pre-training (cached).",
     )
+    tiny_release: Literal["mxfp4", "bf16"] = Field(
+        "mxfp4",
+        description="Embedded model only: 'mxfp4' releases the base as gpt-oss is released (a short MXFP4 QAT "
+        "phase after pre-training, stored as an OpenAI-layout MXFP4 checkpoint, so SFT starts from on-grid expert "
+        "weights); 'bf16' keeps the plain BF16 pre-trained base.",
+    )
 
 
 class DataConfig(StageConfig):

@@ -45,12 +45,11 @@ def run(ctx: Context) -> dict:
 
 def survival_metrics(ctx: Context, model) -> dict:
     """How much of the fine-tune survives this model's quantization (engine/evaluation/survival.py), against the
-    base model's expert weights as stored. An OpenAI MXFP4 base stores its experts as _blocks/_scales, not as the
-    tensors read here: the diagnostic is then left out (and the log says so)."""
+    base model's expert weights as stored (an OpenAI MXFP4 base's _blocks/_scales decoded)."""
     base = evaluator.load_expert_weights(model_path(ctx, "prepare"))
     result = survival.fine_tune_survival(model, base) if base else None
     if result is None:
-        ctx.log("fine-tune survival not computed: the base model's expert weights are not stored unquantized")
+        ctx.log("fine-tune survival not computed: no expert weights readable in the base model's checkpoint")
         return {}
     ctx.log(f"fine-tune survival: {100 * result['erased_share']:.1f}% of the expert weights SFT changed are served "
             f"at the base's value; surviving delta {result['surviving_delta']:.3f}")

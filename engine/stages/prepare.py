@@ -15,11 +15,13 @@ def run(ctx: Context) -> dict:
     source = ctx.recipe.model.source
     if source == EMBEDDED_MODEL:
         from engine.data.embedded_model import ensure_tiny_base
+        from engine.fp4.mxfp4_release import ensure_mxfp4_base
 
         ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
         # The first run pre-trains it (~2 min on 2 CPU cores): the job's progress moves with it, not only its log.
-        path = ensure_tiny_base(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log,
-                                device=ctx.device.type, on_step=lambda step, steps: ctx.progress(0.5 * step / steps))
+        ensure = ensure_mxfp4_base if ctx.recipe.model.tiny_release == "mxfp4" else ensure_tiny_base
+        path = ensure(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log,
+                      device=ctx.device.type, on_step=lambda step, steps: ctx.progress(0.5 * step / steps))
     else:
         path = resolve_checkpoint(source)
     ctx.progress(0.5, f"checking the checkpoint at {path}")

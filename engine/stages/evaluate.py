@@ -64,13 +64,11 @@ def reference_weights(ctx: Context, target: str, reference_key: str, model) -> d
     the reference's weights untouched, so its own master weights are the reference. A LoRA QAT model over a LoRA
     SFT has no cheap reference (rebuilding the SFT model would take a second copy in memory): None, and the
     table shows the error against the model's own master weights only."""
-    from engine.evaluation.evaluator import load_expert_weights
-    from engine.fp4 import modelopt_glue
     from engine.training import stage_outputs
 
     path = model_path(ctx, reference_key)
     if not stage_outputs.is_lean(path):
-        return load_expert_weights(path)
+        return evaluator.load_expert_weights(path)
     if stage_outputs.expert_weights_in_memory(ctx.run_dir, target, reference_key):
         return {item.name: item.weight.detach() for item in modelopt_glue.expert_weights(model)}
     ctx.log(f"no weight error against {reference_key}: it is stored as adapters over its base")

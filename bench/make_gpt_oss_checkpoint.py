@@ -107,17 +107,13 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def shard_plan(plan: list, max_shard_bytes: int) -> list[list]:
-    """Greedy split in order, as huggingface_hub's splitter does; a tensor larger than the limit gets its own shard."""
-    shards: list[list] = [[]]
-    size = 0
-    for item in plan:
-        item_bytes = nbytes(item[1], item[2])
-        if shards[-1] and size + item_bytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item_bytes
-    return shards
+    """The plan split into shards in order (engine/fp4/dequantize_nvfp4.shard_groups, the splitter the NVFP4
+    dequantizer writes with); a tensor larger than the limit gets its own shard."""
+    from engine.fp4.dequantize_nvfp4 import shard_groups
+
+    by_name = {item[0]: item for item in plan}
+    groups = shard_groups({name: nbytes(item[1], item[2]) for name, item in by_name.items()}, max_shard_bytes)
+    return [[by_name[name] for name in group] for group in groups]
 
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator, device: str) -> torch.Tensor:

@@ -74,7 +74,7 @@ def write_dequantized(export_dir: Path, out_dir: Path, max_shard_bytes: int = MA
     check_weight_only(export_dir, config.get("quantization_config") or {})
     where = _tensor_files(export_dir)
     sizes = _output_sizes(where)
-    plan = _shards(sizes, max_shard_bytes)
+    plan = shard_groups(sizes, max_shard_bytes)
     files = [_shard_name(i, len(plan)) for i in range(len(plan))]
     with ExitStack() as stack:
         handles = {path: stack.enter_context(safe_open(str(path), framework="pt")) for path in set(where.values())}
@@ -159,8 +159,9 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "BF16": 2, "F16": 2, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
-def _shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
-    """Consecutive groups of names of at most `max_bytes` each (a bigger tensor gets a shard of its own)."""
+def shard_groups(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive groups of names of at most `max_bytes` each (a bigger tensor gets a shard of its own), in order,
+    as huggingface_hub's splitter groups them; for writers that know sizes before they have the tensors."""
     shards: list[list[str]] = [[]]
     used = 0
     for name, size in sizes.items():

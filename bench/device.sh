@@ -18,6 +18,8 @@
 #   context-1k context-4k context-16k context-64k   the same, one T per step
 #   max-context    bench/long_context.py max-context: longest T for one LoRA QAT step of the 24-layer 20b shape
 #   serve          bench/serve_bench.py: transformers serve of a 2-layer 20b-shaped checkpoint (load, TTFT, tokens/s)
+#   serve-20b      the full 24-layer gpt-oss-20b-shaped MXFP4 checkpoint (bench/make_gpt_oss_checkpoint.py, made once
+#                  per machine) served by transformers serve: load, TTFT, tokens/s, peak GPU memory (NVML), a chat turn
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
 #   engine-overhead  bench/engine_overhead.py: the demo recipe through the engine vs one bare process
@@ -27,7 +29,7 @@
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
 STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
-  context-16k context-64k max-context serve mem-probe fsdp engine-overhead gpt-oss-20b"
+  context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead gpt-oss-20b"
 [ $# -gt 0 ] || { sed -n '2,30p' "$0" | grep '^#'; exit 2; }
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
@@ -79,6 +81,10 @@ run_step() {
     serve) step serve 200 python3 bench/serve_bench.py --layers 2 --experts 32 --hidden 2880 --intermediate 2880 \
         --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --requests 8 --max-tokens 128 --device cuda:0 \
         --start-timeout 100 --json "$OUT/serve.json" ;;
+    serve-20b) local ckpt=${GPT_OSS_20B_CHECKPOINT:-workspace/gpt-oss-20b-random}
+        [ -f "$ckpt/config.json" ] || step make-checkpoint 240 python3 bench/make_gpt_oss_checkpoint.py "$ckpt" --device cuda
+        step serve-20b 330 python3 bench/serve_bench.py --model-dir "$ckpt" --requests 8 --max-tokens 128 --chat \
+          --device cuda:0 --start-timeout 240 --workdir /tmp/serve-20b --json "$OUT/serve-20b.json" ;;
     mem-probe) for p in engine:nvfp4 engine:mxfp4; do step "mem-probe-${p/:/-}" 90 python3 bench/mem_probe.py --path "$p"; done ;;
     fsdp) step fsdp 330 python3 bench/fsdp_scaling.py --runs 2x1,2x2,6x1,6x2 --json "$OUT/fsdp.json"
         step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;

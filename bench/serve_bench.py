@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +37,7 @@ import torch  # noqa: E402
 from engine.data import harmony  # noqa: E402
 from engine.serving import server_process  # noqa: E402
 from engine.serving.chat import ChatClient  # noqa: E402
+from engine.runtime import telemetry  # noqa: E402
 from engine.serving.formats import gpu_summary  # noqa: E402
 
 FILLER = ("the quick brown fox jumps over the lazy dog while seven small birds sing about rivers mountains and "
@@ -68,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--workdir", default=None, help="workspace for the servers' rows and logs (default: a temp dir)")
     run.add_argument("--json", default=None, help="write the results here (default: WORKDIR/serve_bench.json)")
     run.add_argument("--start-timeout", type=float, default=1800)
+    run.add_argument("--chat", action="store_true",
+                     help="also send one chat turn (the server's chat endpoint) and record the answer")
     return p.parse_args(argv)
 
 
@@ -158,14 +162,51 @@ def summarize(samples: list[dict], key: str) -> dict:
             "p90": values[min(len(values) - 1, int(0.9 * len(values)))]}
 
 
+class GpuMemoryPeak(threading.Thread):
+    """The most GPU memory in use (NVML, every GPU summed, GB) while a server loads and answers: the server is another
+    process, so torch's own counters in this one cannot see it. Includes the CUDA context and the KV cache the server
+    reserves; it is what a smaller card would have to hold."""
+
+    def __init__(self, every_s: float = 0.25):
+        super().__init__(daemon=True)
+        self.every_s, self.peak_gb, self._done = every_s, None, threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            used = [g["mem_used_gb"] for g in telemetry.gpus()[0] if g.get("mem_used_gb") is not None]
+            if used:
+                self.peak_gb = max(self.peak_gb or 0.0, sum(used))
+            self._done.wait(self.every_s)
+
+    def stop(self) -> float | None:
+        self._done.set()
+        self.join()
+        return self.peak_gb
+
+
+def chat_answer(client: ChatClient, max_tokens: int) -> dict:
+    """One chat turn through the server's chat endpoint, as the Chat tab sends it (weights are random here: the
+    words mean nothing, what is checked is that the served checkpoint answers a chat)."""
+    result = client.chat([{"role": "user", "content": "Say hello in one short sentence."}], max_tokens=max_tokens)
+    return {"final": result.final, "analysis": result.analysis, "error": result.error,
+            "tokens": result.stats.tokens if result.stats else None}
+
+
 def bench_backend(store, backend: str, model_dir: Path, args) -> dict:
     options = {"device": args.device} if backend == "transformers" else \
         {"max_model_len": args.max_model_len} if backend == "vllm" else None
+    memory = GpuMemoryPeak()
+    memory.start()
     started = time.perf_counter()
-    row = server_process.start_server(store, model_dir, backend, options=options, timeout=args.start_timeout)
+    try:
+        row = server_process.start_server(store, model_dir, backend, options=options, timeout=args.start_timeout)
+    except BaseException:
+        memory.stop()
+        raise
     load_s = time.perf_counter() - started
     try:
         client = ChatClient(row["base_url"], backend=backend)
+        chat = chat_answer(client, args.max_tokens) if args.chat else None
         prompt, extra = prompt_text(args.prompt_words), fixed_length(backend, args.max_tokens, model_dir)
         for _ in range(args.warmup):
             measure(client, prompt, args, extra)
@@ -175,16 +216,27 @@ def bench_backend(store, backend: str, model_dir: Path, args) -> dict:
         wall = time.perf_counter() - wall
     finally:
         server_process.stop_server(store, row["id"])
+        peak_gb = memory.stop()
     return {"backend": backend, "command": row["command"], "load_s": load_s, "requests": len(samples),
+            "gpu_mem_peak_gb": peak_gb, "chat": chat,
             "concurrency": args.concurrency, "wall_s": wall,
             "throughput_tokens_per_s": sum(s["tokens"] for s in samples) / wall,
             **{k: summarize(samples, k) for k in ("ttft_s", "decode_tokens_per_s", "e2e_tokens_per_s", "tokens")},
             "token_source": samples[0]["token_source"], "samples": samples}
 
 
+def checkpoint_shape(model_dir: Path) -> dict:
+    """The served model's shape, read from its config.json (so --model-dir runs record what was really served)."""
+    c = json.loads((model_dir / "config.json").read_text())
+    keys = {"layers": "num_hidden_layers", "experts": "num_local_experts", "top_k": "num_experts_per_tok",
+            "hidden": "hidden_size", "intermediate": "intermediate_size", "heads": "num_attention_heads",
+            "kv_heads": "num_key_value_heads", "head_dim": "head_dim", "vocab": "vocab_size"}
+    return {k: c.get(v) for k, v in keys.items()}
+
+
 def print_table(results: list[dict]) -> None:
     header = f"{'backend':<13}{'load s':>8}{'TTFT p50':>10}{'TTFT p90':>10}{'decode tok/s':>14}{'e2e tok/s':>11}" \
-             f"{'tokens':>8}{'agg tok/s':>11}"
+             f"{'tokens':>8}{'agg tok/s':>11}{'GPU GB':>8}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -192,7 +244,9 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['backend']:<13}{r['load_s']:>8.1f}{fmt(r['ttft_s']['p50'], '>10.3f')}"
               f"{fmt(r['ttft_s']['p90'], '>10.3f')}{fmt(r['decode_tokens_per_s']['mean'], '>14.1f')}"
               f"{fmt(r['e2e_tokens_per_s']['mean'], '>11.1f')}{fmt(r['tokens']['mean'], '>8.0f')}"
-              f"{r['throughput_tokens_per_s']:>11.1f}")
+              f"{r['throughput_tokens_per_s']:>11.1f}{fmt(r['gpu_mem_peak_gb'], '>8.1f')}")
+        if r.get("chat"):
+            print(f"  chat answer ({r['chat']['tokens']} tokens): {r['chat']['final'] or r['chat']['error']!r:.200}")
 
 
 def main(argv=None) -> int:
@@ -214,8 +268,7 @@ def main(argv=None) -> int:
             print(f"{backend}: not measured: {exc}", file=sys.stderr)
     print_table(results)
     out = Path(args.json or workdir / "serve_bench.json")
-    shape = {k: getattr(args, k) for k in ("layers", "experts", "top_k", "hidden", "intermediate", "heads",
-                                           "kv_heads", "head_dim", "vocab")}
+    shape = checkpoint_shape(model_dir)
     out.write_text(json.dumps({"shape": shape, "model_dir": str(model_dir), "gpus": gpu_summary(),
                                "prompt_words": args.prompt_words, "max_tokens": args.max_tokens,
                                "results": results}, indent=2))

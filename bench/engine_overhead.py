@@ -4,7 +4,8 @@
 
 Both sides run the same stage functions (engine/stages/*) with the same libraries on the same machine, one after
 the other, in fresh workspaces that share one cache directory (so the embedded base model is pre-trained once, in
-a first, untimed pass; that pass's time is printed as `prepare (cold)`):
+a first, untimed pass: the base the recipe's prepare stage asks for, MXFP4-released by default; that pass's time is
+printed as `prepare (cold)`):
   engine  `python launch.py run RECIPE` in a fresh workspace: the engine process, a job process per chain, storage
           polling, logs; wall time from the command's start to its exit, and each job's wall time from the jobs table.
   bare    one Python process that imports what the stages need and calls each job's stage function in dependency
@@ -80,7 +81,10 @@ def engine_side(recipe: str, overrides: list[str], workdir: Path, env: dict) -> 
     run_id = store.list_runs()[0]["id"]
     jobs = {j["config"]["key"]: j["ended_at"] - j["started_at"] for j in store.list_jobs(run_id)}
     pids = {j["pid"] for j in store.list_jobs(run_id)}
-    return {"total_s": total, "jobs": jobs, "processes": len(pids)}
+    # Each job's own breakdown (engine/runtime/job_timing.py: start + imports, load, compute, save), so a result
+    # says where an engine-side excess went, not only that there is one.
+    timing = {j["config"]["key"]: j.get("timing") for j in store.list_jobs(run_id)}
+    return {"total_s": total, "jobs": jobs, "processes": len(pids), "timing": timing}
 
 
 def bare_side(recipe: str, overrides: list[str], workdir: Path, env: dict) -> dict:
@@ -109,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="engine_overhead_"))
     env = {**os.environ, "QAT_STUDIO_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     cold = time.time()
-    from engine.recipe.files import load_recipe
-
-    steps = load_recipe(args.recipe).model.tiny_pretrain_steps
-    subprocess.run([sys.executable, "-c", f"from engine.data.embedded_model import ensure_tiny_base; "
-                    f"from pathlib import Path; import torch; ensure_tiny_base(Path({str(root / 'cache')!r}), steps={steps}, "
-                    f"device='cuda' if torch.cuda.is_available() else 'cpu')"],
+    # The base the prepare stage would build (the MXFP4-released one by default), so neither timed side builds it.
+    subprocess.run([sys.executable, "-c", "import sys, torch; from pathlib import Path; "
+                    "from engine.recipe.files import load_recipe; from engine.stages.prepare import ensure_embedded_base; "
+                    "ensure_embedded_base(Path(sys.argv[1]), load_recipe(sys.argv[2]).model, "
+                    "'cuda' if torch.cuda.is_available() else 'cpu')", str(root / "cache"), args.recipe],
                    cwd=REPO, env=env, check=True, capture_output=True)
     prepare_cold = time.time() - cold
     print(f"base model pre-training (cold, once): {prepare_cold:.1f} s", flush=True)
@@ -128,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
               "bare": bare, "ratio": engine["total_s"] / bare["total_s"],
               "per_job_overhead_median_s": statistics.median(overhead.values()), "per_job_overhead_s": overhead}
 
-    print(f"{'job':<24}{'engine s':>10}{'bare s':>10}{'overhead s':>12}")
+    phases = ("start_imports_s", "load_s", "compute_s", "save_s")
+    print(f"{'job':<24}{'engine s':>10}{'bare s':>10}{'overhead s':>12}   engine: imports / load / compute / save s")
     for key in engine["jobs"]:
+        timing = engine["timing"].get(key) or {}
+        parts = " / ".join("-" if timing.get(p) is None else f"{timing[p]:.1f}" for p in phases)
         print(f"{key:<24}{engine['jobs'][key]:>10.1f}{bare['jobs'].get(key, float('nan')):>10.1f}"
-              f"{overhead[key]:>12.1f}")
+              f"{overhead[key]:>12.1f}   {parts}")
     print(f"\nbase model pre-training (cold, once): {prepare_cold:.1f} s")
     print(f"engine: {engine['total_s']:.1f} s in {engine['processes']} job processes; "
           f"bare: {bare['total_s']:.1f} s (imports {bare['imports_s']:.1f} s); ratio {result['ratio']:.3f}; "

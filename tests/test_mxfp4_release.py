@@ -80,6 +80,22 @@ def test_second_call_returns_the_cache(released):
     assert not any("MXFP4 release" in m for m in messages) and any("cached" in m for m in messages)
 
 
+def test_prepare_and_the_overhead_bench_ask_for_the_base_the_recipe_names(released):
+    """bench/engine_overhead.py warms its cache with the prepare stage's own choice: it once warmed only the BF16
+    base, so the engine's timed prepare job paid the MXFP4 release (~18 s on the H200) and the bare side did not."""
+    from engine.recipe.configs import ModelConfig
+    from engine.stages.prepare import ensure_embedded_base
+
+    cache, path, _ = released
+    mxfp4 = ModelConfig(tiny_pretrain_steps=STEPS, tiny_release="mxfp4")
+    bf16 = ModelConfig(tiny_pretrain_steps=STEPS, tiny_release="bf16")
+    messages: list[str] = []
+    assert ensure_embedded_base(cache, mxfp4, "cpu", log=messages.append) == path
+    assert ensure_embedded_base(cache, bf16, "cpu", log=messages.append) == \
+        cache / f"tiny-gpt-oss-base-{embedded_model.cache_key(STEPS, 0)}"
+    assert all("cached" in m for m in messages)  # both found built, nothing trained again
+
+
 def test_release_key_tracks_the_base_and_the_recipe(monkeypatch, tmp_path):
     a = mxfp4_release.release_key(tmp_path / f"tiny-gpt-oss-base-{embedded_model.cache_key(STEPS, 0)}")
     b = mxfp4_release.release_key(tmp_path / f"tiny-gpt-oss-base-{embedded_model.cache_key(STEPS, 1)}")

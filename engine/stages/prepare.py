@@ -14,14 +14,10 @@ from engine.stages.common import load_splits
 def run(ctx: Context) -> dict:
     source = ctx.recipe.model.source
     if source == EMBEDDED_MODEL:
-        from engine.data.embedded_model import ensure_tiny_base
-        from engine.fp4.mxfp4_release import ensure_mxfp4_base
-
         ctx.progress(0.0, "preparing the embedded tiny gpt-oss (pre-trained once, then cached)")
         # The first run pre-trains it (~2 min on 2 CPU cores): the job's progress moves with it, not only its log.
-        ensure = ensure_mxfp4_base if ctx.recipe.model.tiny_release == "mxfp4" else ensure_tiny_base
-        path = ensure(ctx.cache_dir, steps=ctx.recipe.model.tiny_pretrain_steps, log=ctx.log,
-                      device=ctx.device.type, on_step=lambda step, steps: ctx.progress(0.5 * step / steps))
+        path = ensure_embedded_base(ctx.cache_dir, ctx.recipe.model, ctx.device.type, log=ctx.log,
+                                    on_step=lambda step, steps: ctx.progress(0.5 * step / steps))
     else:
         path = resolve_checkpoint(source)
     ctx.progress(0.5, f"checking the checkpoint at {path}")
@@ -35,6 +31,16 @@ def run(ctx: Context) -> dict:
     check_data_lengths(ctx, model_io.load_tokenizer(path, trust_remote_code=ctx.recipe.model.trust_remote_code))
     train_rows, eval_rows = load_splits(ctx)
     return {"base_model": str(path), "train_rows": len(train_rows), "eval_rows": len(eval_rows)}
+
+
+def ensure_embedded_base(cache_dir: Path, model, device: str, log=print, on_step=None) -> Path:
+    """The embedded base this recipe's `model` section asks for (the MXFP4-released one or the BF16 one), built once
+    per cache. Also what bench/engine_overhead.py warms its cache with, so its timed runs find the same base."""
+    from engine.data.embedded_model import ensure_tiny_base
+    from engine.fp4.mxfp4_release import ensure_mxfp4_base
+
+    ensure = ensure_mxfp4_base if model.tiny_release == "mxfp4" else ensure_tiny_base
+    return ensure(cache_dir, steps=model.tiny_pretrain_steps, log=log, device=device, on_step=on_step)
 
 
 def check_data_lengths(ctx: Context, tokenizer) -> None:

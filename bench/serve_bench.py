@@ -163,25 +163,25 @@ def summarize(samples: list[dict], key: str) -> dict:
 
 
 class GpuMemoryPeak(threading.Thread):
-    """The most GPU memory in use (NVML, every GPU summed, GB) while a server loads and answers: the server is another
+    """The most GPU memory in use (NVML, every GPU summed, GiB) while a server loads and answers: the server is another
     process, so torch's own counters in this one cannot see it. Includes the CUDA context and the KV cache the server
     reserves; it is what a smaller card would have to hold."""
 
     def __init__(self, every_s: float = 0.25):
         super().__init__(daemon=True)
-        self.every_s, self.peak_gb, self._done = every_s, None, threading.Event()
+        self.every_s, self.peak_gib, self._done = every_s, None, threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
             used = [g["mem_used_gb"] for g in telemetry.gpus()[0] if g.get("mem_used_gb") is not None]
             if used:
-                self.peak_gb = max(self.peak_gb or 0.0, sum(used))
+                self.peak_gib = max(self.peak_gib or 0.0, sum(used))
             self._done.wait(self.every_s)
 
     def stop(self) -> float | None:
         self._done.set()
         self.join()
-        return self.peak_gb
+        return self.peak_gib
 
 
 def chat_answer(client: ChatClient, max_tokens: int) -> dict:
@@ -218,7 +218,7 @@ def bench_backend(store, backend: str, model_dir: Path, args) -> dict:
         server_process.stop_server(store, row["id"])
         peak_gb = memory.stop()
     return {"backend": backend, "command": row["command"], "load_s": load_s, "requests": len(samples),
-            "gpu_mem_peak_gb": peak_gb, "chat": chat,
+            "gpu_mem_peak_gib": peak_gb, "chat": chat,
             "concurrency": args.concurrency, "wall_s": wall,
             "throughput_tokens_per_s": sum(s["tokens"] for s in samples) / wall,
             **{k: summarize(samples, k) for k in ("ttft_s", "decode_tokens_per_s", "e2e_tokens_per_s", "tokens")},
@@ -236,7 +236,7 @@ def checkpoint_shape(model_dir: Path) -> dict:
 
 def print_table(results: list[dict]) -> None:
     header = f"{'backend':<13}{'load s':>8}{'TTFT p50':>10}{'TTFT p90':>10}{'decode tok/s':>14}{'e2e tok/s':>11}" \
-             f"{'tokens':>8}{'agg tok/s':>11}{'GPU GB':>8}"
+             f"{'tokens':>8}{'agg tok/s':>11}{'GPU GiB':>8}"
     print(header)
     print("-" * len(header))
     for r in results:
@@ -244,9 +244,11 @@ def print_table(results: list[dict]) -> None:
         print(f"{r['backend']:<13}{r['load_s']:>8.1f}{fmt(r['ttft_s']['p50'], '>10.3f')}"
               f"{fmt(r['ttft_s']['p90'], '>10.3f')}{fmt(r['decode_tokens_per_s']['mean'], '>14.1f')}"
               f"{fmt(r['e2e_tokens_per_s']['mean'], '>11.1f')}{fmt(r['tokens']['mean'], '>8.0f')}"
-              f"{r['throughput_tokens_per_s']:>11.1f}{fmt(r['gpu_mem_peak_gb'], '>8.1f')}")
+              f"{r['throughput_tokens_per_s']:>11.1f}{fmt(r['gpu_mem_peak_gib'], '>8.1f')}")
         if r.get("chat"):
-            print(f"  chat answer ({r['chat']['tokens']} tokens): {r['chat']['final'] or r['chat']['error']!r:.200}")
+            chat = r["chat"]
+            said = chat["error"] or chat["final"] or chat["analysis"] or "(no text in a harmony channel)"
+            print(f"  chat answer ({chat['tokens']} tokens): {said!r:.200}")
 
 
 def main(argv=None) -> int:

@@ -408,7 +408,7 @@ def test_bench_runs_on_cpu_with_a_tiny_model(tmp_path) -> None:
     assert row["backend"] == "transformers" and row["requests"] == 3 and row["load_s"] > 0
     assert report["shape"]["layers"] == 2 and report["shape"]["hidden"] == 64  # read back from the served config
     assert row["chat"]["error"] is None and row["chat"]["tokens"] > 0  # the chat endpoint answered
-    assert row["gpu_mem_peak_gb"] is None or row["gpu_mem_peak_gb"] > 0  # None: no GPU on this machine
+    assert row["gpu_mem_peak_gib"] is None or row["gpu_mem_peak_gib"] > 0  # None: no GPU on this machine
     assert row["ttft_s"]["p50"] > 0 and row["decode_tokens_per_s"]["mean"] > 0 and row["tokens"]["mean"] == 12
     assert all(r["status"] == "stopped" for r in Store(tmp_path / "ws" / "studio.db").list_servers())
     from transformers import Mxfp4Config

@@ -76,7 +76,7 @@ run_step() {
         --tokens 16384 --steps 1 --json "$OUT/context-sweep.json" ;;
     context-1k|context-4k|context-16k|context-64k) local t=${1#context-}; t=${t%k}
         step "$1" 280 python3 bench/long_context.py sweep --seq $((t * 1024)) --tokens 16384 --json "$OUT/$1.json" ;;
-    max-context) step max-context 110 python3 bench/long_context.py max-context \
+    max-context) step max-context 300 python3 bench/long_context.py max-context \
         --seqs 4096,8192,16384,32768,65536 --bisect 1 --json "$OUT/max-context.json" ;;
     serve) step serve 200 python3 bench/serve_bench.py --layers 2 --experts 32 --hidden 2880 --intermediate 2880 \
         --heads 64 --kv-heads 8 --head-dim 64 --vocab 201088 --requests 8 --max-tokens 128 --device cuda:0 \

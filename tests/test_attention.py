@@ -127,24 +127,39 @@ def test_a_window_of_n_plus_one_keys_would_be_caught():
     assert diff > 1e-3
 
 
-def test_auto_follows_the_one_switch_on_cuda_and_stays_eager_on_cpu(monkeypatch):
-    for switch in (False, True):
-        monkeypatch.setattr(attention, "AUTO_FLEX_ON_CUDA", switch)
-        assert attention.resolve("auto", "cpu") == "eager"
-        assert attention.resolve("auto", torch.device("cpu")) == "eager"
-        assert attention.resolve("auto", "cuda:0") == ("flex" if switch else "eager")
-        assert attention.resolve("eager", "cuda") == "eager" and attention.resolve("flex", "cuda") == "flex"
-        model = tiny_gpt_oss(window=5)
-        assert attention.use(model, "auto", "cpu", log=lambda _: None) == "eager"
-        assert model.config._attn_implementation == "eager"
+def test_auto_is_flex_on_cuda_from_max_length_1024_and_eager_on_cpu():
+    """The rule (engine/training/attention.py, AUTO_FLEX_MIN_LENGTH): flex on CUDA for recipes of 1024 tokens or
+    more (the 20b recipe), eager below (the demo's 256: the compile would cost more than it saves) and on CPU."""
+    assert attention.AUTO_FLEX_MIN_LENGTH == 1024
+    for max_length in (256, 1023, 1024, 4096, 131072):
+        assert attention.resolve("auto", "cpu", max_length) == "eager"
+        assert attention.resolve("auto", torch.device("cpu"), max_length) == "eager"
+        assert attention.resolve("eager", "cuda", max_length) == "eager"
+        assert attention.resolve("flex", "cuda", max_length) == "flex"
+        assert attention.resolve("flex", "cpu", max_length) == "flex"
+    assert attention.resolve("auto", "cuda:0", 256) == "eager"
+    assert attention.resolve("auto", "cuda", 1023) == "eager"
+    assert attention.resolve("auto", "cuda", 1024) == "flex"
+    assert attention.resolve("auto", torch.device("cuda", 1), 65536) == "flex"
+    assert attention.resolve("auto", "cpu", None) == "eager"
+    with pytest.raises(ValueError, match="data.max_length"):
+        attention.resolve("auto", "cuda", None)  # the rule cannot be applied without the length
+    model = tiny_gpt_oss(window=5)
+    assert attention.use(model, "auto", "cpu", 4096, log=lambda _: None) == "eager"
+    assert model.config._attn_implementation == "eager"
+    logged = []  # `use` switches the config only, so the CUDA rule is checkable on a model that sits on the CPU
+    assert attention.use(model, "auto", "cuda", 4096, log=logged.append) == "flex"
+    assert model.config._attn_implementation == attention.NAME
+    assert attention.use(model, "auto", "cuda", 256, log=logged.append) == "eager"
+    assert model.config._attn_implementation == "eager"
+    assert "compiled flex_attention" in logged[0] and "data.max_length 256 < 1024" in logged[1]
 
 
 def test_resolve_and_use_back_to_eager():
-    assert attention.resolve("auto", "cpu") == "eager"
-    assert attention.resolve("auto", "cuda") == ("flex" if attention.AUTO_FLEX_ON_CUDA else "eager")
-    assert attention.resolve("flex", "cpu") == "flex"
+    assert attention.resolve("auto", "cpu", 256) == "eager"
+    assert attention.resolve("flex", "cpu", 256) == "flex"
     with pytest.raises(ValueError, match="hardware.attention"):
-        attention.resolve("sdpa", "cpu")
+        attention.resolve("sdpa", "cpu", 256)
     model = tiny_gpt_oss(window=5)
     attention.use(model, "flex", "cpu", log=lambda _: None)
     assert attention.use(model, "auto", "cpu") == "eager"

@@ -133,17 +133,30 @@ def test_recipe_estimate_follows_hardware_attention_and_chunked_loss():
     recipe = Recipe.model_validate({"model": {"source": "gpt-oss-20b"}, "data": {"max_length": 16384},
                                     "sft": {"lora": True}})
     on_gpu = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
-    from engine.training import attention
-
-    expected = "flex" if attention.AUTO_FLEX_ON_CUDA else "eager"  # auto on CUDA: the trainer's rule
-    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == (expected, True)
+    assert (on_gpu["attention"], on_gpu["chunked_loss"]) == ("flex", True)  # auto on CUDA at >= 1024 tokens
     recipe.hardware.attention = "flex"
     flex = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
     assert flex["attention"] == "flex"
+    assert flex["per_gpu_gib"] == on_gpu["per_gpu_gib"]
     recipe.hardware.attention, recipe.hardware.chunked_loss = "eager", "off"
     eager = estimate_recipe(recipe, "sft", cuda=True, gpu_memory_gib=141)
     assert eager["per_gpu_gib"]["activations"] > flex["per_gpu_gib"]["activations"] + 50
     assert estimate_recipe(Recipe(), "sft", cuda=False)["attention"] == "eager"
+
+
+def test_recipe_estimate_applies_the_trainers_auto_rule_at_the_threshold():
+    """auto: eager below data.max_length 1024 (the demo's 256), flex from it, eager on CPU: what the trainer runs
+    (both ask engine.training.attention.resolve)."""
+    from engine.recipe.configs import Recipe
+    from engine.training.estimate import estimate_recipe
+
+    def attention_for(max_length: int, cuda: bool) -> str:
+        recipe = Recipe.model_validate({"model": {"source": "gpt-oss-20b"}, "data": {"max_length": max_length},
+                                        "sft": {"lora": True}})
+        return estimate_recipe(recipe, "sft", cuda=cuda, gpu_memory_gib=141)["attention"]
+
+    assert [attention_for(n, cuda=True) for n in (256, 1023, 1024, 4096)] == ["eager", "eager", "flex", "flex"]
+    assert [attention_for(n, cuda=False) for n in (256, 4096)] == ["eager", "eager"]
 
 
 def test_disk_estimate_of_the_20b_recipe():

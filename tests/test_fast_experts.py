@@ -78,3 +78,54 @@ def test_fake_quantized_weights_are_remade_for_backward_not_kept(monkeypatch):
     with torch.no_grad():
         model(input_ids=tokens)
     assert len(calls) == 12  # no hooks without grad
+
+
+def alive_activation_bytes_after_forward(model, tokens) -> tuple[int, torch.Tensor]:
+    """(bytes of the tensors made during the forward that are still alive when it returns, parameters left out:
+    what autograd keeps for backward; the loss). Storages are tracked with weak references."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made = {}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    made[t.untyped_storage().data_ptr()] = (StorageWeakRef(t.untyped_storage()), t.untyped_storage().nbytes())
+            return out
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with Record():
+        loss = model(input_ids=tokens, labels=tokens).loss
+    import gc
+
+    gc.collect()
+    return sum(n for ptr, (ref, n) in made.items() if not ref.expired() and ptr not in params), loss
+
+
+def test_gradient_checkpointing_drops_the_experts_activations_and_keeps_the_gradients():
+    """Under checkpointing the fast path's saved-tensor hooks hand the experts' activations to the checkpoint's hooks
+    (autograd applies only the innermost pair): before, they stayed alive from forward to backward in every layer,
+    which at the 20b's shape is ~4 MiB per token (docs/benchmarks.md, max-context)."""
+    model = quantized("mxfp4")
+    fast_experts.enable(model)
+    plain = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    wrapper = copy.deepcopy(model)
+    fast_experts.disable(wrapper)  # modelopt's own experts wrapper, checkpointed: saves nothing of its own
+    for m in (model, plain, wrapper):
+        m.train()
+    tokens = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(4))
+    kept, loss = alive_activation_bytes_after_forward(model, tokens)
+    kept_wrapper, _ = alive_activation_bytes_after_forward(wrapper, tokens)
+    kept_plain, _ = alive_activation_bytes_after_forward(plain, tokens)
+    assert kept_plain > 5 * kept_wrapper  # the measure sees activations: without checkpointing they are all kept
+    assert kept <= 1.05 * kept_wrapper, (kept, kept_wrapper)
+    loss.backward()  # recomputes each layer, the fast experts included, under the checkpoint's hooks
+    plain(input_ids=tokens, labels=tokens).loss.backward()
+    for (name, p), (_, q) in zip(plain.named_parameters(), model.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -199,7 +199,9 @@ class HardwareConfig(StageConfig):
         description="Attention kernel for SFT and QAT: 'flex' (PyTorch flex_attention, compiled on CUDA: gpt-oss's "
         "sinks, 128-token sliding window and GQA in one fused kernel that never builds the [batch, heads, T, T] "
         "scores: long contexts fit), 'eager' (transformers' reference; memory grows with T squared), 'auto' (flex "
-        "on CUDA, eager on CPU). On CPU 'flex' runs flex's unfused reference (as slow as eager; for checks only).",
+        "on CUDA when data.max_length is 1024 or more, else eager: below that its compile, tens of seconds per "
+        "process, costs more than it saves; eager on CPU). On CPU 'flex' runs flex's unfused reference (as slow as "
+        "eager; for checks only).",
     )
     chunked_loss: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -26,7 +26,8 @@ Devices. On CUDA, `torch.compile(flex_attention)`. torch's public flex_attention
 "FlexAttention does not support backward on CPU", compiled or not); there we call its dense reference (the flex
 higher-order op run eagerly: differentiable, the same op the compiled kernel is lowered from). It materialises the
 scores like eager: it exists so that the CPU tests check our sink math, masks and gradients against eager on the
-whole model. `hardware.attention: auto` runs eager on CPU, so the CPU path is what it was.
+whole model. `hardware.attention: auto` runs eager on CPU, so the CPU path is what it was, and on CUDA only from
+data.max_length 1024 on (AUTO_FLEX_MIN_LENGTH: below it the compile costs more than the kernel saves).
 """
 
 from __future__ import annotations
@@ -38,21 +39,32 @@ import torch
 
 NAME = "gpt_oss_flex"  # the attn_implementation name registered with transformers
 CHOICES = ("auto", "eager", "flex")
-# The one switch for `hardware.attention: auto` (issue 14): False keeps eager everywhere; True makes 'auto' flex on
-# CUDA. Off until tests/test_attention_gpu.py has passed on a GPU (bench/device.sh attention-tests). CPU stays eager.
-AUTO_FLEX_ON_CUDA = False
+# `hardware.attention: auto` is flex on CUDA from this data.max_length on, eager below it and on CPU (issue 14).
+# Measured on an H200 (docs/benchmarks.md, 2026-12-03; tests/test_attention_gpu.py all passed there the same day):
+# at T = 1024 (gpt-oss-20b's shape cut to 2 layers, batch 4) flex + chunked loss took 0.090 s a BF16 step against
+# eager's 0.095 (QAT 0.093 vs 0.102) and peaked at 21.6 GiB against 28.3, because eager builds a [batch, 64, T, T]
+# score tensor per layer. That gain grows with T; below 1024 it shrinks to little while Inductor's compile of the
+# kernel costs tens of seconds in every training process: the demo (max_length 256, a few dozen steps of a tiny
+# model) would pay far more than it saves. So short recipes keep eager, which is also what they ran before.
+AUTO_FLEX_MIN_LENGTH = 1024
 
 
-def resolve(choice: str, device: torch.device | str) -> str:
-    """'eager' or 'flex' for a recipe's `hardware.attention` on `device` (the trainer and the estimator both ask here).
+def resolve(choice: str, device: torch.device | str, max_length: int | None) -> str:
+    """'eager' or 'flex' for a recipe's `hardware.attention` on `device` with `data.max_length` (the trainer and the
+    estimator both ask here, so the estimate sizes what runs).
 
-    'auto' is flex on CUDA only when AUTO_FLEX_ON_CUDA is set, eager otherwise: on CPU flex has no compiled
-    backward (its dense reference is as slow as eager), so the CPU path stays eager and bit-identical."""
+    'auto' is flex on CUDA when max_length >= AUTO_FLEX_MIN_LENGTH (see there for the measured reason), eager
+    otherwise; on CPU always eager: flex has no compiled backward there (its dense reference is as slow as eager),
+    so the CPU path stays bit-identical."""
     if choice not in CHOICES:
         raise ValueError(f"hardware.attention must be one of {CHOICES}, not {choice!r}")
-    if choice == "auto":
-        return "flex" if AUTO_FLEX_ON_CUDA and torch.device(device).type == "cuda" else "eager"
-    return choice
+    if choice != "auto":
+        return choice
+    if torch.device(device).type != "cuda":
+        return "eager"
+    if max_length is None:
+        raise ValueError("hardware.attention 'auto' on CUDA depends on data.max_length: pass it")
+    return "flex" if max_length >= AUTO_FLEX_MIN_LENGTH else "eager"
 
 
 def register() -> str:
@@ -127,11 +139,11 @@ def _window_of(mask_function, sliding_window: int | None) -> int | None:
                      "sequences or a mask overlay): use hardware.attention eager")
 
 
-def use(model, choice: str, device: torch.device | str, log=print) -> str:
+def use(model, choice: str, device: torch.device | str, max_length: int | None = None, log=print) -> str:
     """Switch `model` (a transformers model, or a peft model around one) to the attention `choice` resolves to on
-    `device`; returns 'eager' or 'flex'. Checkpoints are always loaded eager (engine/fp4/model_io.py), so a saved
-    model never carries this choice."""
-    impl = resolve(choice, device)
+    `device` for sequences of up to `max_length` tokens (needed for 'auto' on CUDA); returns 'eager' or 'flex'.
+    Checkpoints are always loaded eager (engine/fp4/model_io.py), so a saved model never carries this choice."""
+    impl = resolve(choice, device, max_length)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if impl == "flex":
         register()
@@ -143,6 +155,9 @@ def use(model, choice: str, device: torch.device | str, log=print) -> str:
         log(f"attention: {NAME} ({where}; sinks through the LSE, causal / sliding-window / padding BlockMasks)")
     else:
         base.set_attn_implementation("eager")
+        if choice == "auto" and torch.device(device).type == "cuda":
+            log(f"attention: eager (auto: data.max_length {max_length} < {AUTO_FLEX_MIN_LENGTH}, where flex's "
+                "compile costs more than it saves)")
     return impl
 
 

@@ -321,7 +321,7 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
     dtype = {"bfloat16": "bfloat16", "float32": "float32"}.get(recipe.model.dtype, "bfloat16" if cuda else "float32")
     from engine.training.attention import resolve  # what the trainer runs (imports torch: on the button's click)
 
-    attention = resolve(hw.attention, "cuda" if cuda else "cpu")
+    attention = resolve(hw.attention, "cuda" if cuda else "cpu", recipe.data.max_length)
     chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
     result = estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
                       strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,

@@ -117,7 +117,7 @@ def make_trainer(base: type, ctx: Context, cfg: TrainConfig, output_dir: Path, m
     from engine.training import attention
 
     hw = ctx.recipe.hardware
-    attention.use(model, hw.attention, ctx.device, log=ctx.log)
+    attention.use(model, hw.attention, ctx.device, ctx.recipe.data.max_length, log=ctx.log)
     train_rows, eval_rows = rows
     trainer = atomic_trainer(base)(
         model=model,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,88 @@ def test_device_script_lists_its_steps_and_refuses_unknown_ones():
     bad = subprocess.run(["bash", "bench/device.sh", "no-such-step"], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=30, env={"OUT": "/tmp/device-sh-test", "PATH": "/usr/bin:/bin"})
     assert bad.returncode == 2 and "unknown step 'no-such-step'" in bad.stderr
+
+
+# ------------------------------------------------ bench/lib/grid.py (demo_study's --jobs / --budget-s)
+# Workers must be top-level functions: grid.run spawns processes, which import them by name.
+
+def _all_at_once(setting: dict, context) -> dict:
+    """Marks itself started, then waits until every setting of the grid has started: finishes only if they all
+    run at the same time, in different processes."""
+    folder = Path(setting["folder"])
+    (folder / f"started-{setting['n']}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("started-*"))) < setting["of"]:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the settings did not run concurrently")
+        time.sleep(0.05)
+    if setting["n"] == 1:
+        raise ValueError("setting 1 is bad")
+    return {"n": setting["n"], "pid": os.getpid(), "context": context}
+
+
+def _context(index: int, tag: str) -> str:
+    return f"{tag}-{index}"
+
+
+def _sleep(setting: dict, context) -> dict:
+    Path(setting["folder"], f"pid-{setting['n']}").write_text(str(os.getpid()))
+    time.sleep(setting["seconds"])
+    return {"n": setting["n"]}
+
+
+def test_grid_runs_settings_concurrently_in_worker_processes_and_reports_failures(tmp_path):
+    from bench.lib import grid
+
+    settings = [{"n": n, "of": 3, "folder": str(tmp_path)} for n in range(3)]
+    seen = []
+    outcome = grid.run(settings, _all_at_once, jobs=3, init=_context, init_args=("w",),
+                       on_result=lambda s, r: seen.append(r["n"]), log=lambda m: None)
+    assert sorted(seen) == [0, 2] and sorted(r["n"] for _, r in outcome.done) == [0, 2]
+    pids = {r["pid"] for _, r in outcome.done}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert {r["context"] for _, r in outcome.done} <= {"w-0", "w-1", "w-2"}
+    [(bad, trace)] = outcome.failed
+    assert bad["n"] == 1 and "setting 1 is bad" in trace
+    assert not outcome.running and not outcome.not_started and not outcome.out_of_budget
+
+
+def test_grid_budget_kills_running_workers_and_keeps_what_finished(tmp_path):
+    from bench.lib import grid
+
+    settings = [{"n": n, "seconds": s, "folder": str(tmp_path)} for n, s in enumerate([0, 600, 600, 0])]
+    started = time.monotonic()
+    outcome = grid.run(settings, _sleep, jobs=2, budget_s=20, log=lambda m: None)
+    assert time.monotonic() - started < 60
+    assert outcome.out_of_budget and not outcome.failed
+    assert [s["n"] for s, _ in outcome.done] == [0] and [s["n"] for s in outcome.running] == [1, 2]
+    assert [s["n"] for s in outcome.not_started] == [3]
+    for n in (1, 2):  # the workers running the 600 s settings are gone
+        pid = int((tmp_path / f"pid-{n}").read_text())
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_demo_study_grid_flags(capsys):
+    from bench import demo_study
+
+    args = demo_study.parse_args(["--shapes", "e4k2,e16k2", "--bases", "mxfp4", "--sft-lrs", "3e-4,1e-3",
+                                  "--sft-steps", "300,900", "--qat-lrs", "2e-4,5e-5", "--seeds", "1,2",
+                                  "--formats", "mxfp4,nvfp4", "--jobs", "8", "--budget-s", "520"])
+    recipe = demo_study.recipe_of(REPO_ROOT / "assets/recipes/demo.yaml")
+    settings = demo_study.settings_of(args, recipe)
+    keys = {(s["shape"], s["sft_lr"], s["sft_steps"], s["qat_lr"], s["seed"]) for s in settings}
+    assert len(settings) == len(keys) == 2 * 2 * 2 * 2 * 2
+    assert [s["seed"] for s in settings[:16]] == [1] * 16  # a seed's grid is queued before the next seed's
+    assert settings[0]["shape"] == "e16k2" and settings[0]["sft_steps"] == 900  # the slowest first
+    assert all(s["formats"] == ["mxfp4", "nvfp4"] and s["base"] == "mxfp4" and s["smoke_eval"] is None
+               for s in settings)
+    default = demo_study.settings_of(demo_study.parse_args([]), recipe)
+    assert [(s["sft_steps"], s["qat_lr"], s["seed"]) for s in default] == [
+        (recipe.sft.max_steps, recipe.qat.learning_rate, recipe.sft.seed)] * 2  # one per base, the recipe's values
+    for bad, message in ((["--sft-steps", "0"], "--sft-steps must be >= 1"), (["--formats", "int4"], "unknown"),
+                         (["--qat-lrs", "fast"], "not a comma list of float"), (["--jobs", "0"], "--jobs must be"),
+                         (["--budget-s", "-1"], "must be > 0")):
+        with pytest.raises(SystemExit) as exited:
+            demo_study.parse_args(bad)
+        assert exited.value.code == 2 and message in capsys.readouterr().err, bad

@@ -42,6 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
+STARTED = time.monotonic()  # --budget-s counts from here: the process's start, imports included
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -155,6 +156,15 @@ def base_dir(cache: Path, base: str, shape: str, steps: int) -> Path:
     return ensure(cache, steps=steps, shape=SHAPES[shape] or None)
 
 
+def cached_base_dir(cache: Path, base: str, shape: str, steps: int) -> Path:
+    """Where base_dir finds the base in `cache` (the engine's cache keys; CPU-trained, seed 0), without building it."""
+    from engine.data.embedded_model import cache_key
+    from engine.fp4.mxfp4_release import release_key
+
+    bf16 = Path(cache) / f"tiny-gpt-oss-base-{cache_key(steps, 0, shape=SHAPES[shape] or None)}"
+    return bf16 if base == "bf16" else Path(cache) / f"tiny-gpt-oss-mxfp4-{release_key(bf16)}"
+
+
 def run_setting(setting: dict, ctx: dict) -> dict:
     """SFT, then per format PTQ / QAT / control, all judged; the result is one JSON line."""
     from engine.evaluation import evaluator
@@ -263,6 +273,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              " are marked SMOKE); the study always uses the recipe's")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "demo_study_cache",
                         help="where the pre-trained bases are cached (tiny-gpt-oss-base-* / tiny-gpt-oss-mxfp4-*)")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="exit at once (status 2) if a base is not in --cache instead of pre-training it")
     parser.add_argument("--json", type=Path, help="append one JSON line per setting to this file")
     parser.add_argument("--from-json", type=Path, help="print the tables and summary of saved JSON lines; run nothing")
     args = parser.parse_args(argv)
@@ -300,10 +312,17 @@ def main(argv=None) -> int:
             study_report.print_table(r)
         study_report.print_summary(results)
         return 0
-    started = time.monotonic()
+    started = STARTED
     recipe = recipe_of(args.recipe)
     settings = settings_of(args, recipe)
-    for shape, base in sorted({(s["shape"], s["base"]) for s in settings}):  # here, not in N workers at once
+    pairs = sorted({(s["shape"], s["base"]) for s in settings})
+    missing = [cached_base_dir(args.cache, b, sh, recipe.model.tiny_pretrain_steps) for sh, b in pairs]
+    missing = [str(d) for d in missing if not (d / "config.json").exists()]
+    if missing and args.cached_only:
+        print(f"--cached-only: not in --cache, would be pre-trained (tens of minutes on a CPU): {', '.join(missing)}",
+              file=sys.stderr)
+        return 2
+    for shape, base in pairs:  # here, once, not in N workers at once
         print(f"base {shape}/{base}: {base_dir(args.cache, base, shape, recipe.model.tiny_pretrain_steps)}")
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
     print(f"{len(settings)} settings on {args.device} ({gpus} GPUs) in {args.jobs} workers; recipe {args.recipe}; "
@@ -315,7 +334,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps(result) + "\n")
         study_report.print_table(result)
 
-    budget = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
+    budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - started))
     outcome = grid.run(settings, run_setting, args.jobs, budget_s=budget, on_result=write,
                        init=worker_context, init_args=(args.recipe, args.cache, args.device, args.threads, gpus,
                                                        args.smoke_eval),

@@ -67,7 +67,7 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
         while len(finished) < len(settings):
             if deadline is not None and time.monotonic() >= deadline:
                 outcome.out_of_budget = True
-                log(f"time budget of {budget_s:g} s reached: stopping the workers")
+                log(f"time budget reached ({budget_s:.0f} s after the workers started): stopping them")
                 break
             wait = 1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic()))
             try:

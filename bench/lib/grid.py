@@ -96,8 +96,9 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
                 w.kill()
         for w in workers:
             w.join(10)
-        tasks.cancel_join_thread()  # unconsumed settings must not keep the parent from exiting
-        results.cancel_join_thread()
+        for q in (tasks, results):
+            q.cancel_join_thread()  # unconsumed items must not keep the parent from exiting
+            q.close()
     outcome.running = [settings[i] for i in sorted(started - finished)]
     outcome.not_started = [settings[i] for i in range(len(settings)) if i not in started and i not in finished]
     return outcome

@@ -26,7 +26,8 @@ Result: a table on stdout per setting as it finishes (pass rate per task with 95
 share of it QAT and the control recover; the fine-tune survival of each quantized model), then all tables again and
 a summary (one row per setting, format and task, with issue 13's acceptance) sorted by setting; --json FILE appends
 one JSON line per setting as it finishes (the parent writes it: a budget stop keeps every finished line). --budget-s
-stops the workers at the deadline and reports what finished. --from-json FILE prints the tables of saved lines.
+stops the workers at the deadline and reports what finished: the settings cut off are written too, with the models
+they had finished and "partial": true. --from-json FILE prints the tables of saved lines.
 Recorded, with the date, in docs/demo_study.md.
 """
 
@@ -166,16 +167,14 @@ def cached_base_dir(cache: Path, base: str, shape: str, steps: int) -> Path:
 
 
 def run_setting(setting: dict, ctx: dict) -> dict:
-    """SFT, then per format PTQ / QAT / control, all judged; the result is one JSON line."""
+    """SFT, PTQ per format, then the control's and QAT's extra steps, all judged; the result is one JSON line.
+    The cheap, telling part (SFT, PTQ) comes first, and after each model the result so far goes to the parent
+    (grid.progress): a setting the budget cuts off still reports the models it finished."""
     from engine.evaluation import evaluator
     from engine.fp4 import model_io
 
     recipe, data, device = ctx["recipe"], ctx["data"], ctx["device"]
     started, times = time.perf_counter(), {}
-
-    def lap(name: str) -> None:
-        times[name] = round(time.perf_counter() - started - sum(times.values()), 1)
-
     path = base_dir(ctx["cache"], setting["base"], setting["shape"], recipe.model.tiny_pretrain_steps)
     tokenizer = model_io.load_tokenizer(path)
     base_experts = evaluator.load_expert_weights(path)
@@ -183,28 +182,38 @@ def run_setting(setting: dict, ctx: dict) -> dict:
     sft_cfg = recipe.sft.model_copy(update={"learning_rate": setting["sft_lr"], "max_steps": setting["sft_steps"],
                                             **seed})
     more_cfg = recipe.qat.model_copy(update={"learning_rate": setting["qat_lr"], **seed})  # QAT's and the control's
+    result = {**setting, "models": {}, "times": times}
+    sft_answers: list[str] = []
+
+    def record(name: str, model, experts=None) -> None:
+        """Judge `model`, keep how many greedy answers differ from SFT's (0: quantization changed nothing)."""
+        judged = judge(model, tokenizer, data["eval"], recipe, experts)
+        answers = judged.pop("answers")
+        sft_answers[:] = sft_answers or answers
+        judged["answers_changed"] = sum(a != b for a, b in zip(answers, sft_answers))
+        result["models"][name] = judged
+        lap(name)
+
+    def lap(name: str) -> None:
+        times[name] = round(time.perf_counter() - started - sum(times.values()), 1)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        grid.progress(result)
+
     sft = train(load_base(path, device), tokenizer, sft_cfg, recipe, data["train"], quantized=False, device=device)
     lap("sft_train")
-    result = {**setting, "models": {"sft": judge(sft, tokenizer, data["eval"], recipe)}}
-    lap("sft_eval")
+    record("sft", sft)
+    ptqs = {}
+    for fmt in setting["formats"]:
+        ptqs[fmt] = quantize(fresh_copy(sft, path, device), tokenizer, fmt, recipe, data["train"], device)
+        record(f"ptq:{fmt}", ptqs[fmt], base_experts)
     control = train(fresh_copy(sft, path, device), tokenizer, more_cfg, recipe, data["train"], quantized=False,
                     device=device)
     lap("control_train")
-    models = result["models"]
     for fmt in setting["formats"]:
-        ptq = quantize(fresh_copy(sft, path, device), tokenizer, fmt, recipe, data["train"], device)
-        models[f"ptq:{fmt}"] = judge(ptq, tokenizer, data["eval"], recipe, base_experts)
-        lap(f"ptq_{fmt}")
-        qat = train(ptq, tokenizer, more_cfg, recipe, data["train"], quantized=True, device=device)
-        models[f"qat:{fmt}"] = judge(qat, tokenizer, data["eval"], recipe, base_experts)
-        lap(f"qat_{fmt}")
         ctl = quantize(fresh_copy(control, path, device), tokenizer, fmt, recipe, data["train"], device)
-        models[f"control:{fmt}"] = judge(ctl, tokenizer, data["eval"], recipe, base_experts)
-        lap(f"control_{fmt}")
-    result["seconds"], result["times"] = round(time.perf_counter() - started, 1), times
-    sft_answers = models["sft"]["answers"]
-    for m in models.values():  # how many greedy answers differ from SFT's (0: quantization changed nothing)
-        m["answers_changed"] = sum(a != b for a, b in zip(m.pop("answers"), sft_answers))
+        record(f"control:{fmt}", ctl, base_experts)
+        qat = train(ptqs.pop(fmt), tokenizer, more_cfg, recipe, data["train"], quantized=True, device=device)
+        record(f"qat:{fmt}", qat, base_experts)
     return result
 
 
@@ -339,6 +348,9 @@ def main(argv=None) -> int:
                        init=worker_context, init_args=(args.recipe, args.cache, args.device, args.threads, gpus,
                                                        args.smoke_eval),
                        log=lambda m: print(m, flush=True))
+    partial = [{**r, "partial": True} for _, r in outcome.partial if r["models"]]  # cut off: the models it finished
+    for r in partial:
+        write(r, r)
     results = [r for _, r in outcome.done]
     print(f"\n## {len(results)} of {len(settings)} settings finished in {time.monotonic() - started:.0f} s"
           f"{' (time budget reached)' if outcome.out_of_budget else ''}; {len(outcome.failed)} failed")
@@ -346,10 +358,10 @@ def main(argv=None) -> int:
                        ("failed", [s for s, _ in outcome.failed])):
         for s in rows:
             print(f"- {name}: {study_report.label(s)}")
-    for r in sorted(results, key=study_report.sort_key):
+    for r in sorted(results + partial, key=study_report.sort_key):
         study_report.print_table(r)
-    if results:
-        study_report.print_summary(results)
+    if results or partial:
+        study_report.print_summary(results + partial)
     return 1 if outcome.failed else 0
 
 

@@ -57,7 +57,10 @@ def _context(index: int, tag: str) -> str:
 
 
 def _sleep(setting: dict, context) -> dict:
+    from bench.lib import grid
+
     Path(setting["folder"], f"pid-{setting['n']}").write_text(str(os.getpid()))
+    grid.progress({"n": setting["n"], "so_far": "slept 0 s"})
     time.sleep(setting["seconds"])
     return {"n": setting["n"]}
 
@@ -78,7 +81,7 @@ def test_grid_runs_settings_concurrently_in_worker_processes_and_reports_failure
     assert not outcome.running and not outcome.not_started and not outcome.out_of_budget
 
 
-def test_grid_budget_kills_running_workers_and_keeps_what_finished(tmp_path):
+def test_grid_budget_kills_running_workers_and_keeps_what_finished_and_their_progress(tmp_path):
     from bench.lib import grid
 
     settings = [{"n": n, "seconds": s, "folder": str(tmp_path)} for n, s in enumerate([0, 600, 600, 0])]
@@ -88,6 +91,7 @@ def test_grid_budget_kills_running_workers_and_keeps_what_finished(tmp_path):
     assert outcome.out_of_budget and not outcome.failed
     assert [s["n"] for s, _ in outcome.done] == [0] and [s["n"] for s in outcome.running] == [1, 2]
     assert [s["n"] for s in outcome.not_started] == [3]
+    assert [(s["n"], r) for s, r in outcome.partial] == [(n, {"n": n, "so_far": "slept 0 s"}) for n in (1, 2)]
     for n in (1, 2):  # the workers running the 600 s settings are gone
         pid = int((tmp_path / f"pid-{n}").read_text())
         with pytest.raises(ProcessLookupError):
@@ -117,3 +121,29 @@ def test_demo_study_grid_flags(capsys):
         with pytest.raises(SystemExit) as exited:
             demo_study.parse_args(bad)
         assert exited.value.code == 2 and message in capsys.readouterr().err, bad
+
+
+def test_study_summary_applies_issue_13s_acceptance_and_shows_cut_off_models():
+    import io
+
+    from bench.lib import study_report
+
+    def model(p: float) -> dict:
+        return {"language": {"pass": p, "ci95": 0.02, "n": 600}, "answers_changed": 0}
+
+    def result(control: float | None, lr: float) -> dict:
+        models = {"sft": model(0.95), "ptq:mxfp4": model(0.85), "qat:mxfp4": model(0.94)}
+        if control is not None:
+            models["control:mxfp4"] = model(control)
+        return {"shape": "e16k2", "base": "mxfp4", "sft_lr": lr, "sft_steps": 900, "qat_lr": 5e-5, "seed": 42,
+                "formats": ["mxfp4"], "models": models, "seconds": 1.0, "partial": control is None}
+
+    out = io.StringIO()
+    study_report.print_summary([result(0.86, 3e-4), result(0.94, 5e-4), result(None, 2e-4)], out)
+    rows = {line.split(" | ")[2]: line for line in out.getvalue().splitlines() if line.startswith("| e16k2")}
+    assert rows["0.0003"].endswith("| 95.0 | 85.0 | 94.0 | 86.0 | +10.0 sep | 90 | 10 | YES |")
+    assert rows["0.0005"].endswith("| 94.0 | +10.0 sep | 90 | 90 | no |")  # the control recovers too
+    assert rows["0.0002"].endswith("| 94.0 | nan | +10.0 sep | 90 | nan | no |")  # cut off before the control
+    table = io.StringIO()
+    study_report.print_table(result(None, 2e-4), table)
+    assert "PARTIAL" in table.getvalue() and "control:mxfp4" not in table.getvalue()

@@ -22,11 +22,24 @@ class Outcome:
     done: list[tuple[dict, Any]] = field(default_factory=list)  # (setting, result), in completion order
     failed: list[tuple[dict, str]] = field(default_factory=list)  # (setting, traceback)
     running: list[dict] = field(default_factory=list)  # started, stopped by the budget (or a dead worker)
+    partial: list[tuple[dict, Any]] = field(default_factory=list)  # (setting, its last progress()) of those
     not_started: list[dict] = field(default_factory=list)
     out_of_budget: bool = False
 
 
+_PROGRESS = None  # in a worker, while it runs a setting: (results queue, the setting's index)
+
+
+def progress(payload: Any) -> None:
+    """Called from inside `work`: the setting's result so far. The parent keeps the latest one, so a setting the
+    budget cuts off still reports what it had (Outcome.partial). Does nothing outside a worker."""
+    if _PROGRESS is not None:
+        results, i = _PROGRESS
+        results.put(("progress", i, payload))
+
+
 def _worker(index: int, tasks, results, work: Callable, init: Callable | None, init_args: tuple) -> None:
+    global _PROGRESS
     try:
         context = init(index, *init_args) if init else None
     except BaseException:  # noqa: BLE001 - reported to the parent, which decides
@@ -38,10 +51,13 @@ def _worker(index: int, tasks, results, work: Callable, init: Callable | None, i
             return
         i, setting = item
         results.put(("started", i, index))
+        _PROGRESS = (results, i)
         try:
             results.put(("done", i, work(setting, context)))
         except BaseException:  # noqa: BLE001 - one bad setting must not stop the grid
             results.put(("failed", i, traceback.format_exc()))
+        finally:
+            _PROGRESS = None
 
 
 def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, init: Callable | None = None,
@@ -62,7 +78,7 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
     deadline = None if budget_s is None else time.monotonic() + budget_s
     for w in workers:
         w.start()
-    outcome, started, finished = Outcome(), set(), set()
+    outcome, started, finished, latest = Outcome(), set(), set(), {}
     try:
         while len(finished) < len(settings):
             if deadline is not None and time.monotonic() >= deadline:
@@ -81,6 +97,8 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
                 log(f"worker {i} could not start:\n{payload}")
             elif kind == "started":
                 started.add(i)
+            elif kind == "progress":
+                latest[i] = payload
             elif kind == "done":
                 finished.add(i)
                 outcome.done.append((settings[i], payload))
@@ -100,5 +118,6 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
             q.cancel_join_thread()  # unconsumed items must not keep the parent from exiting
             q.close()
     outcome.running = [settings[i] for i in sorted(started - finished)]
+    outcome.partial = [(settings[i], latest[i]) for i in sorted(started - finished) if i in latest]
     outcome.not_started = [settings[i] for i in range(len(settings)) if i not in started and i not in finished]
     return outcome

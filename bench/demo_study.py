@@ -7,7 +7,8 @@ generation, pass rule and rows):
   PTQ      the SFT model quantized to each --formats (calibrated as the PTQ stage does)
   QAT      PTQ trained on for the recipe's QAT steps at --qat-lrs (modelopt's QAT trainer, as the QAT stage)
   control  the SFT model trained on for the same steps at the same lr in high precision, then PTQ: what the extra
-           training alone gives (if it recovers as much as QAT, QAT's gain is not about the quantization)
+           training alone gives (if it recovers as much as QAT, QAT's gain is not about the quantization); also
+           judged before its PTQ (control:unquantized): above SFT means the SFT had not converged
 Every model is judged on the same held-out conversations with the same pass rule as the demo's evaluate stage
 (the recipe's eval split, `eval.max_examples_per_task` per task, greedy, `eval.max_new_tokens`); only --smoke-eval
 (cost estimates and tests) caps it, and its results say SMOKE everywhere. The base is the embedded model released
@@ -209,6 +210,7 @@ def run_setting(setting: dict, ctx: dict) -> dict:
     control = train(fresh_copy(sft, path, device), tokenizer, more_cfg, recipe, data["train"], quantized=False,
                     device=device)
     lap("control_train")
+    record("control:unquantized", control)  # ~ SFT's pass rates iff the SFT had converged: the control's premise
     for fmt in setting["formats"]:
         ctl = quantize(fresh_copy(control, path, device), tokenizer, fmt, recipe, data["train"], device)
         record(f"control:{fmt}", ctl, base_experts)

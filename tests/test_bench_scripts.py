@@ -134,16 +134,16 @@ def test_study_summary_applies_issue_13s_acceptance_and_shows_cut_off_models():
     def result(control: float | None, lr: float) -> dict:
         models = {"sft": model(0.95), "ptq:mxfp4": model(0.85), "qat:mxfp4": model(0.94)}
         if control is not None:
-            models["control:mxfp4"] = model(control)
+            models["control:mxfp4"], models["control:unquantized"] = model(control), model(0.96)
         return {"shape": "e16k2", "base": "mxfp4", "sft_lr": lr, "sft_steps": 900, "qat_lr": 5e-5, "seed": 42,
                 "formats": ["mxfp4"], "models": models, "seconds": 1.0, "partial": control is None}
 
     out = io.StringIO()
     study_report.print_summary([result(0.86, 3e-4), result(0.94, 5e-4), result(None, 2e-4)], out)
     rows = {line.split(" | ")[2]: line for line in out.getvalue().splitlines() if line.startswith("| e16k2")}
-    assert rows["0.0003"].endswith("| 95.0 | 85.0 | 94.0 | 86.0 | +10.0 sep | 90 | 10 | YES |")
+    assert rows["0.0003"].endswith("| 95.0 | 96.0 | 85.0 | 94.0 | 86.0 | +10.0 sep | 90 | 10 | YES |")
     assert rows["0.0005"].endswith("| 94.0 | +10.0 sep | 90 | 90 | no |")  # the control recovers too
-    assert rows["0.0002"].endswith("| 94.0 | nan | +10.0 sep | 90 | nan | no |")  # cut off before the control
+    assert rows["0.0002"].endswith("| 95.0 | nan | 85.0 | 94.0 | nan | +10.0 sep | 90 | nan | no |")  # cut off before the control
     table = io.StringIO()
     study_report.print_table(result(None, 2e-4), table)
     assert "PARTIAL" in table.getvalue() and "control:mxfp4" not in table.getvalue()

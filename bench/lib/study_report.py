@@ -30,7 +30,7 @@ def tasks_of(models: dict) -> list[str]:
 
 def model_names(result: dict) -> list[str]:
     """The models the result holds, in reading order: SFT, then per format PTQ, QAT, control."""
-    order = ["sft"] + [f"{k}:{fmt}" for fmt in result["formats"] for k in ("ptq", "qat", "control")]
+    order = ["sft", "control:unquantized"] + [f"{k}:{fmt}" for fmt in result["formats"] for k in ("ptq", "qat", "control")]
     return [n for n in order if n in result["models"]]
 
 
@@ -75,17 +75,18 @@ def print_table(result: dict, out=sys.stdout) -> None:
 
 def print_summary(results: list[dict], out=sys.stdout) -> None:
     """One row per setting, format and task, sorted by setting (not by completion order)."""
-    print("\n### Summary (pass %; recovery = share of PTQ's drop won back; meets = issue 13's acceptance)\n", file=out)
-    print("| shape | base | SFT lr | SFT steps | seed | QAT lr | fmt | task | SFT | PTQ | QAT | control | drop "
-          "| QAT rec. | ctl rec. | meets |", file=out)
-    print("|" + "---|" * 16, file=out)
+    print("\n### Summary (pass %; SFT+extra = the control before its PTQ, above SFT: SFT had not converged; "
+          "recovery = share of PTQ's drop won back; meets = issue 13's acceptance)\n", file=out)
+    print("| shape | base | SFT lr | SFT steps | seed | QAT lr | fmt | task | SFT | SFT+extra | PTQ | QAT | control "
+          "| drop | QAT rec. | ctl rec. | meets |", file=out)
+    print("|" + "---|" * 17, file=out)
     for r in sorted(results, key=sort_key):
         models = r["models"]
         for fmt in r["formats"]:
             for task in tasks_of(models):
                 s = story(models, fmt, task)
                 p = {k: 100 * models[k][task]["pass"] if k in models else float("nan")
-                     for k in ("sft", f"ptq:{fmt}", f"qat:{fmt}", f"control:{fmt}")}
+                     for k in ("sft", "control:unquantized", f"ptq:{fmt}", f"qat:{fmt}", f"control:{fmt}")}
                 cells = [r["shape"], r["base"], f"{r['sft_lr']:g}", str(r.get("sft_steps", 300)),
                          str(r.get("seed", 42)), f"{r.get('qat_lr', 2e-4):g}", fmt, task,
                          *(f"{v:.1f}" for v in p.values()),

@@ -9,6 +9,7 @@ returns what finished. Results arrive in completion order; callers must not depe
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import queue
 import time
@@ -35,7 +36,8 @@ def progress(payload: Any) -> None:
     budget cuts off still reports what it had (Outcome.partial). Does nothing outside a worker."""
     if _PROGRESS is not None:
         results, i = _PROGRESS
-        results.put(("progress", i, payload))
+        # a copy: Queue.put pickles later, in a feeder thread, while `work` may already be changing the payload
+        results.put(("progress", i, copy.deepcopy(payload)))
 
 
 def _worker(index: int, tasks, results, work: Callable, init: Callable | None, init_args: tuple) -> None:

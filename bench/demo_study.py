@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -315,6 +316,10 @@ def settings_of(args, recipe) -> list[dict]:
     return out
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
@@ -345,6 +350,7 @@ def main(argv=None) -> int:
                 f.write(json.dumps(result) + "\n")
         study_report.print_table(result)
 
+    signal.signal(signal.SIGTERM, interrupt)  # `timeout`'s signal: stop the workers, report what finished
     budget = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - started))
     outcome = grid.run(settings, run_setting, args.jobs, budget_s=budget, on_result=write,
                        init=worker_context, init_args=(args.recipe, args.cache, args.device, args.threads, gpus,
@@ -355,7 +361,8 @@ def main(argv=None) -> int:
         write(r, r)
     results = [r for _, r in outcome.done]
     print(f"\n## {len(results)} of {len(settings)} settings finished in {time.monotonic() - started:.0f} s"
-          f"{' (time budget reached)' if outcome.out_of_budget else ''}; {len(outcome.failed)} failed")
+          f"{' (time budget reached)' if outcome.out_of_budget else ''}{' (interrupted)' if outcome.interrupted else ''}"
+          f"; {len(outcome.failed)} failed")
     for name, rows in (("stopped while running", outcome.running), ("not started", outcome.not_started),
                        ("failed", [s for s, _ in outcome.failed])):
         for s in rows:

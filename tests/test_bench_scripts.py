@@ -147,3 +147,25 @@ def test_study_summary_applies_issue_13s_acceptance_and_shows_cut_off_models():
     table = io.StringIO()
     study_report.print_table(result(None, 2e-4), table)
     assert "PARTIAL" in table.getvalue() and "control:mxfp4" not in table.getvalue()
+
+
+def test_grid_stops_its_workers_when_interrupted_by_a_signal(tmp_path):
+    """demo_study maps SIGTERM (what `timeout` sends) to KeyboardInterrupt: the workers die with the run."""
+    import signal
+
+    from bench import demo_study
+    from bench.lib import grid
+
+    previous = signal.signal(signal.SIGALRM, demo_study.interrupt)
+    started = time.monotonic()
+    try:
+        signal.alarm(20)
+        outcome = grid.run([{"n": 0, "seconds": 600, "folder": str(tmp_path)}], _sleep, jobs=1, log=lambda m: None)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert outcome.interrupted and not outcome.done and time.monotonic() - started < 60
+    pid_file = tmp_path / "pid-0"
+    if pid_file.exists():  # the worker had started its setting: it must be gone
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)

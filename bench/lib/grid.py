@@ -26,6 +26,7 @@ class Outcome:
     partial: list[tuple[dict, Any]] = field(default_factory=list)  # (setting, its last progress()) of those
     not_started: list[dict] = field(default_factory=list)
     out_of_budget: bool = False
+    interrupted: bool = False  # KeyboardInterrupt (Ctrl-C, or SIGTERM where the caller maps it): stopped like the budget
 
 
 _PROGRESS = None  # in a worker, while it runs a setting: (results queue, the setting's index)
@@ -82,34 +83,10 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
         w.start()
     outcome, started, finished, latest = Outcome(), set(), set(), {}
     try:
-        while len(finished) < len(settings):
-            if deadline is not None and time.monotonic() >= deadline:
-                outcome.out_of_budget = True
-                log(f"time budget reached ({budget_s:.0f} s after the workers started): stopping them")
-                break
-            wait = 1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic()))
-            try:
-                kind, i, payload = results.get(timeout=wait)
-            except queue.Empty:
-                if not any(w.is_alive() for w in workers) and results.empty():
-                    log("every worker has exited; settings left unfinished")
-                    break
-                continue
-            if kind == "init_failed":
-                log(f"worker {i} could not start:\n{payload}")
-            elif kind == "started":
-                started.add(i)
-            elif kind == "progress":
-                latest[i] = payload
-            elif kind == "done":
-                finished.add(i)
-                outcome.done.append((settings[i], payload))
-                if on_result:
-                    on_result(settings[i], payload)
-            else:
-                finished.add(i)
-                outcome.failed.append((settings[i], payload))
-                log(f"setting {settings[i]} failed:\n{payload}")
+        _collect(settings, workers, results, deadline, outcome, started, finished, latest, on_result, log)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        log("interrupted: stopping the workers")
     finally:
         for w in workers:
             if w.is_alive():
@@ -123,3 +100,36 @@ def run(settings: list[dict], work: Callable[[dict, Any], Any], jobs: int, *, in
     outcome.partial = [(settings[i], latest[i]) for i in sorted(started - finished) if i in latest]
     outcome.not_started = [settings[i] for i in range(len(settings)) if i not in started and i not in finished]
     return outcome
+
+
+def _collect(settings, workers, results, deadline, outcome, started, finished, latest, on_result, log) -> None:
+    """The parent's loop: take the workers' messages until every setting is finished, the deadline passes or every
+    worker has exited."""
+    while len(finished) < len(settings):
+        if deadline is not None and time.monotonic() >= deadline:
+            outcome.out_of_budget = True
+            log("time budget reached: stopping the workers")
+            break
+        wait = 1.0 if deadline is None else max(0.01, min(1.0, deadline - time.monotonic()))
+        try:
+            kind, i, payload = results.get(timeout=wait)
+        except queue.Empty:
+            if not any(w.is_alive() for w in workers) and results.empty():
+                log("every worker has exited; settings left unfinished")
+                break
+            continue
+        if kind == "init_failed":
+            log(f"worker {i} could not start:\n{payload}")
+        elif kind == "started":
+            started.add(i)
+        elif kind == "progress":
+            latest[i] = payload
+        elif kind == "done":
+            finished.add(i)
+            outcome.done.append((settings[i], payload))
+            if on_result:
+                on_result(settings[i], payload)
+        else:
+            finished.add(i)
+            outcome.failed.append((settings[i], payload))
+            log(f"setting {settings[i]} failed:\n{payload}")

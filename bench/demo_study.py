@@ -151,10 +151,15 @@ def judge(model, tokenizer, rows, recipe, base_experts=None) -> dict:
 
 
 def base_dir(cache: Path, base: str, shape: str, steps: int) -> Path:
-    """The cached base (pre-trained on the CPU if missing): the CPU's cache key on every --device."""
+    """The cached base (pre-trained on the CPU if missing): the CPU's cache key on every --device. A cached MXFP4
+    release is used on its own (it holds model and tokenizer), so a device call need not carry the BF16 base it
+    came from (12.7 MB for both shapes: the device tool carries 64 MiB in all)."""
     from engine.data.embedded_model import ensure_tiny_base
     from engine.fp4.mxfp4_release import ensure_mxfp4_base
 
+    cached = cached_base_dir(cache, base, shape, steps)
+    if (cached / "config.json").exists():
+        return cached
     ensure = ensure_mxfp4_base if base == "mxfp4" else ensure_tiny_base
     return ensure(cache, steps=steps, shape=SHAPES[shape] or None)
 

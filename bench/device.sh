@@ -21,8 +21,9 @@
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
 #   engine-overhead  bench/engine_overhead.py: the demo recipe through the engine vs one bare process
-#   demo-study     bench/demo_study.py: issue 13's grid, 12 workers on the GPU, 500 s budget (bases carried in
-#                  .study_cache; STUDY_ARGS replaces the grid flags) -> $OUT/demo_study.jsonl, summary at the log's end
+#   demo-study     bench/demo_study.py: issue 13's grid, 12 workers on the GPU, 500 s budget (carry .study_cache
+#                  holding tiny-gpt-oss-mxfp4-1423bc37bd1e (e4k2) and -3caa675d0347 (e16k2); STUDY_ARGS replaces the
+#                  grid flags) -> $OUT/demo_study.jsonl, tables and summary at the end of $OUT/demo-study.log
 #   gpt-oss-20b    tests/test_gpt_oss_20b_gpu.py: a 20b-shaped checkpoint, the 1-GPU recipe through the engine with a
 #                  few steps; repeat the step while it says the run is still going (the engine goes on detached)
 #

@@ -23,14 +23,17 @@
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
 #   engine-overhead  bench/engine_overhead.py: the demo recipe through the engine vs one bare process
+#   demo-study     bench/demo_study.py: issue 13's grid, 12 workers on the GPU, 500 s budget (carry .study_cache
+#                  holding tiny-gpt-oss-mxfp4-1423bc37bd1e (e4k2) and -3caa675d0347 (e16k2); STUDY_ARGS replaces the
+#                  grid flags) -> $OUT/demo_study.jsonl, tables and summary at the end of $OUT/demo-study.log
 #   gpt-oss-20b    tests/test_gpt_oss_20b_gpu.py: a 20b-shaped checkpoint, the 1-GPU recipe through the engine with a
 #                  few steps; repeat the step while it says the run is still going (the engine goes on detached)
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
 STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
-  context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead gpt-oss-20b"
-[ $# -gt 0 ] || { sed -n '2,30p' "$0" | grep '^#'; exit 2; }
+  context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead demo-study gpt-oss-20b"
+[ $# -gt 0 ] || { sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 2; }  # the header above, however long it grows
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
 done
@@ -90,6 +93,10 @@ run_step() {
         step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;
     engine-overhead) step engine-overhead 480 python3 bench/engine_overhead.py --recipe assets/recipes/demo.yaml \
         --json "$OUT/engine-overhead.json" ;;
+    demo-study) step demo-study 570 python3 bench/demo_study.py --device cuda --cache "${STUDY_CACHE:-.study_cache}" \
+        --cached-only --jobs "${STUDY_JOBS:-12}" --threads 1 --budget-s "${STUDY_BUDGET_S:-500}" \
+        ${STUDY_ARGS:---shapes e16k2,e4k2 --bases mxfp4 --sft-lrs 3e-4,5e-4,2e-4 --sft-steps 900 --qat-lrs 2e-4,5e-5 \
+        --formats mxfp4,nvfp4 --seeds 42} --json "$OUT/demo_study.jsonl" ;;
     gpt-oss-20b) export GPT_OSS_20B_RUN=1
         step gpt-oss-20b 570 python3 -m pytest -q -s -rs -x -m gpu tests/test_gpt_oss_20b_gpu.py -p no:cacheprovider ;;
   esac

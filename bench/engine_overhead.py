@@ -111,9 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     cold = time.time()
     from engine.recipe.files import load_recipe
 
-    steps = load_recipe(args.recipe).model.tiny_pretrain_steps
-    subprocess.run([sys.executable, "-c", f"from engine.data.embedded_model import ensure_tiny_base; "
-                    f"from pathlib import Path; import torch; ensure_tiny_base(Path({str(root / 'cache')!r}), steps={steps}, "
+    model = load_recipe(args.recipe).model
+    steps = model.tiny_pretrain_steps
+    # what the prepare stage builds: with tiny_release 'mxfp4' the release too, else the engine side (run first)
+    # would build it inside its prepare job and the bare side would find it cached
+    ensure = ("from engine.fp4.mxfp4_release import ensure_mxfp4_base as ensure" if model.tiny_release == "mxfp4"
+              else "from engine.data.embedded_model import ensure_tiny_base as ensure")
+    subprocess.run([sys.executable, "-c", f"{ensure}; "
+                    f"from pathlib import Path; import torch; ensure(Path({str(root / 'cache')!r}), steps={steps}, "
                     f"device='cuda' if torch.cuda.is_available() else 'cpu')"],
                    cwd=REPO, env=env, check=True, capture_output=True)
     prepare_cold = time.time() - cold

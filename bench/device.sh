@@ -21,14 +21,16 @@
 #   mem-probe      bench/mem_probe.py: live CUDA tensors after quantization, per path
 #   fsdp           bench/fsdp_scaling.py on 1 and 2 GPUs, then the engine's FSDP2 pipeline (needs 2 GPUs)
 #   engine-overhead  bench/engine_overhead.py: the demo recipe through the engine vs one bare process
+#   demo-profile   bench/demo_gpu_profile.py: the demo's stages in one process (wall s, host syncs, peak memory),
+#                  then again under torch.profiler (top ops, kernel launches) -> $OUT/demo-profile{,-ops}.json
 #   gpt-oss-20b    tests/test_gpt_oss_20b_gpu.py: a 20b-shaped checkpoint, the 1-GPU recipe through the engine with a
 #                  few steps; repeat the step while it says the run is still going (the engine goes on detached)
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
 STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
-  context-16k context-64k max-context serve mem-probe fsdp engine-overhead gpt-oss-20b"
-[ $# -gt 0 ] || { sed -n '2,30p' "$0" | grep '^#'; exit 2; }
+  context-16k context-64k max-context serve mem-probe fsdp engine-overhead demo-profile gpt-oss-20b"
+[ $# -gt 0 ] || { sed -n '2,32p' "$0" | grep '^#'; exit 2; }
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
 done
@@ -84,6 +86,8 @@ run_step() {
         step fsdp-engine 330 python3 -m pytest -q -s -x -m gpu tests/test_distributed_gpu.py -p no:cacheprovider ;;
     engine-overhead) step engine-overhead 480 python3 bench/engine_overhead.py --recipe assets/recipes/demo.yaml \
         --json "$OUT/engine-overhead.json" ;;
+    demo-profile) step demo-profile 300 python3 bench/demo_gpu_profile.py --json "$OUT/demo-profile.json"
+        step demo-profile-ops 400 python3 bench/demo_gpu_profile.py --profile --json "$OUT/demo-profile-ops.json" ;;
     gpt-oss-20b) export GPT_OSS_20B_RUN=1
         step gpt-oss-20b 570 python3 -m pytest -q -s -rs -x -m gpu tests/test_gpt_oss_20b_gpu.py -p no:cacheprovider ;;
   esac

@@ -48,9 +48,13 @@ def pick_batch_size(device_type: str, free_bytes: int, bytes_per_row: int, n_row
 
 
 def auto_batch_size(model, tokens: int, n_rows: int, cpu_default: int) -> int:
-    """`pick_batch_size` for this model on its device, with the free memory as CUDA reports it now."""
+    """`pick_batch_size` for this model on its device, with the memory free now: what CUDA reports free plus what
+    PyTorch's allocator holds reserved but unused (the eval loss's activations, just freed, stay reserved)."""
     parameter = next(model.parameters())
-    free = torch.cuda.mem_get_info(parameter.device)[0] if parameter.device.type == "cuda" else 0
+    free = 0
+    if parameter.device.type == "cuda":
+        device = parameter.device
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     dtype_bytes = max(parameter.element_size(), 2)
     return pick_batch_size(parameter.device.type, free, row_bytes(model.config, tokens, dtype_bytes), n_rows,
                            cpu_default)

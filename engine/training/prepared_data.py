@@ -7,7 +7,8 @@ same tokenizer and max_length, and the engine chains those jobs in one process (
 paid ~40 s for a result the SFT stage had already computed. The cache key is everything the preparation reads:
 the dataset's content fingerprint (datasets hashes the rows), the tokenizer's vocabulary + chat template, the
 SFTConfig fields TRL's preparation uses, packing, and the split's name. A formatting function or an
-IterableDataset is never cached (neither has a content key).
+IterableDataset is never cached (neither has a content key). Entries live until the process ends (a chain's last
+job) or KEEP newer ones replace them: a trainer held the same dataset while it trained anyway.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def counting_syncs(cuda: bool):
             previous(message, category, *args, **kwargs)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always", UserWarning)
+        warnings.filterwarnings("always", message=".*synchronizing")  # each one, not once per call site
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:

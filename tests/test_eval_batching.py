@@ -1,5 +1,6 @@
 """The evaluation's batch size ('auto' on CUDA: one batch for a tiny model) changes speed, never answers or loss."""
 
+import copy
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -116,3 +117,24 @@ def test_recipe_batch_size_takes_auto_or_a_positive_number():
     for bad in (0, "big", 5000):
         with pytest.raises(ValueError):
             EvalConfig(batch_size=bad)
+
+
+def test_the_eval_set_is_tokenized_once_for_every_model_evaluated_on_it(tiny):
+    """A chained run evaluates each model on the same eval rows with the same tokenizer (loaded again from each
+    stage's directory): the chat-template tokenization runs for the first evaluation only."""
+    model, _ = tiny
+    rows = load_chat_dataset("embedded:demo")[:30]
+    calls = []
+
+    def counted_tokenizer():
+        tokenizer = copy.deepcopy(embedded_model.embedded_tokenizer())  # a new object (embedded_tokenizer() caches)
+        original = tokenizer.apply_chat_template
+        tokenizer.apply_chat_template = lambda *a, **k: calls.append(1) or original(*a, **k)
+        return tokenizer
+
+    first = evaluator.eval_loss(model, counted_tokenizer(), rows, 256)
+    assert len(calls) == len(rows)
+    again = evaluator.eval_loss(model, counted_tokenizer(), rows, 256)
+    assert len(calls) == len(rows) and again == first
+    evaluator.eval_loss(model, counted_tokenizer(), rows[:20], 256)  # other rows: tokenized
+    assert len(calls) == len(rows) + 20

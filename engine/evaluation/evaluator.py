@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data import harmony
+from engine.data import chat_data, harmony
 from engine.fp4 import modelopt_glue, torch_backend
 from engine.evaluation.scoring import judge
 
@@ -70,6 +70,24 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[lis
     return ids, [t if m else -100 for t, m in zip(ids, mask)]
 
 
+_TOKENIZED: dict[tuple, list] = {}  # the latest eval set's tokenization (tokenized_by_length)
+
+
+def tokenized_by_length(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_chat` of every row, shortest first. Kept for the next call with the same rows and tokenizer: a
+    chained run evaluates six models on the same 1,200 eval rows (the demo), and tokenizing them with the chat
+    template took 0.6 s each time on 2 CPU cores."""
+    digest = chat_data.tokenizer_digest(tokenizer)
+    key = (digest, max_length, chat_data.rows_digest([r["messages"] for r in rows]))
+    if digest is not None and key in _TOKENIZED:
+        return _TOKENIZED[key]
+    pairs = sorted((tokenize_chat(tokenizer, r["messages"], max_length) for r in rows), key=lambda p: len(p[0]))
+    if digest is not None:
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = pairs
+    return pairs
+
+
 @torch.no_grad()
 def eval_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size: int | str = LOSS_CPU_BATCH) -> float:
     """Mean cross-entropy per assistant token over all `rows` (the MoE aux loss is not part of it).
@@ -81,7 +99,7 @@ def eval_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size: i
     model.eval()
     model.config.output_router_logits = False
     device = next(model.parameters()).device
-    pairs = sorted((tokenize_chat(tokenizer, r["messages"], max_length) for r in rows), key=lambda p: len(p[0]))
+    pairs = tokenized_by_length(tokenizer, rows, max_length)
     if batch_size == "auto":
         width = max((len(ids) for ids, _ in pairs), default=1)
         batch_size = auto_batch_size(model, width, len(pairs), cpu_default=LOSS_CPU_BATCH)

@@ -13,10 +13,11 @@ job) or KEEP newer ones replace them: a trainer held the same dataset while it t
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable
+
+from engine.data import chat_data
 
 # the SFTConfig fields SFTTrainer._prepare_dataset (TRL 1.16) reads
 ARG_FIELDS = ("max_length", "packing", "packing_strategy", "padding_free", "assistant_only_loss",
@@ -27,23 +28,13 @@ KEEP = 4  # a train and an eval split of the latest run; older entries are dropp
 _cache: OrderedDict[tuple, object] = OrderedDict()
 
 
-def tokenizer_digest(tokenizer) -> str | None:
-    """A hash of the vocabulary, merges, special tokens and chat template; None for a tokenizer without a fast
-    backend (not cached then)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    text = backend.to_str() + "\0" + str(getattr(tokenizer, "chat_template", None))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def cache_key(dataset, tokenizer, args, packing: bool, formatting_func, dataset_name: str,
               extra: tuple = ()) -> tuple | None:
     from datasets import Dataset
 
     if formatting_func is not None or not isinstance(dataset, Dataset):
         return None
-    digest = tokenizer_digest(tokenizer)
+    digest = chat_data.tokenizer_digest(tokenizer)
     if digest is None:
         return None
     fields = json.dumps({k: getattr(args, k, None) for k in ARG_FIELDS}, sort_keys=True, default=str)

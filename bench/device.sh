@@ -26,13 +26,15 @@
 #   demo-study     bench/demo_study.py: issue 13's grid, 12 workers on the GPU, 500 s budget (carry .study_cache
 #                  holding tiny-gpt-oss-mxfp4-1423bc37bd1e (e4k2) and -3caa675d0347 (e16k2); STUDY_ARGS replaces the
 #                  grid flags) -> $OUT/demo_study.jsonl, tables and summary at the end of $OUT/demo-study.log
+#   demo-profile   bench/demo_gpu_profile.py: the demo's stages in one process (wall s, host syncs, peak memory),
+#                  then again under torch.profiler (top ops, kernel launches) -> $OUT/demo-profile{,-ops}.json
 #   gpt-oss-20b    tests/test_gpt_oss_20b_gpu.py: a 20b-shaped checkpoint, the 1-GPU recipe through the engine with a
 #                  few steps; repeat the step while it says the run is still going (the engine goes on detached)
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
 STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
-  context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead demo-study gpt-oss-20b"
+  context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead demo-study demo-profile gpt-oss-20b"
 [ $# -gt 0 ] || { sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 2; }  # the header above, however long it grows
 for s in "$@"; do
   case " $STEPS " in *" $s "*) ;; *) echo "unknown step '$s'; steps: $STEPS" >&2; exit 2 ;; esac
@@ -97,6 +99,9 @@ run_step() {
         --cached-only --jobs "${STUDY_JOBS:-12}" --threads 1 --budget-s "${STUDY_BUDGET_S:-500}" \
         ${STUDY_ARGS:---shapes e16k2,e4k2 --bases mxfp4 --sft-lrs 3e-4,5e-4,2e-4 --sft-steps 900 --qat-lrs 2e-4,5e-5 \
         --formats mxfp4,nvfp4 --seeds 42} --json "$OUT/demo_study.jsonl" ;;
+    demo-profile) export QAT_STUDIO_CACHE=/tmp/demo-profile-cache  # the base is built once, for both runs
+        step demo-profile 300 python3 bench/demo_gpu_profile.py --json "$OUT/demo-profile.json"
+        step demo-profile-ops 400 python3 bench/demo_gpu_profile.py --profile --json "$OUT/demo-profile-ops.json" ;;
     gpt-oss-20b) export GPT_OSS_20B_RUN=1
         step gpt-oss-20b 570 python3 -m pytest -q -s -rs -x -m gpu tests/test_gpt_oss_20b_gpu.py -p no:cacheprovider ;;
   esac

@@ -282,3 +282,18 @@ def dataset_stats(rows: list[dict], tokenizer=None) -> dict:
     if tokenizer is not None:
         stats["token_lengths"] = token_lengths(rows, tokenizer)
     return stats
+
+
+def tokenizer_digest(tokenizer) -> str | None:
+    """A hash of a fast tokenizer's vocabulary, merges, special tokens and chat template (None without a fast
+    backend): equal for the same tokenizer loaded again from another stage's output directory."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    text = backend.to_str() + "\0" + str(getattr(tokenizer, "chat_template", None))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """A hash of the rows' content (what a cache of their tokenization is keyed on)."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()

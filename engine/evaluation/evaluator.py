@@ -9,9 +9,55 @@ from pathlib import Path
 
 import torch
 
-from engine.data import harmony
+from engine.data import chat_data, harmony
 from engine.fp4 import modelopt_glue, torch_backend
 from engine.evaluation.scoring import judge
+
+
+GENERATE_CPU_BATCH = 64  # the recipe's former default: CPU evaluations stay bit for bit what they were
+LOSS_CPU_BATCH = 32
+AUTO_MEMORY_SHARE = 0.5  # of the free GPU memory; the rest for the allocator's fragmentation and what else runs
+AUTO_MAX_BATCH = 4096
+
+
+def row_bytes(config, tokens: int, dtype_bytes: int = 2) -> int:
+    """An upper bound on the GPU memory one row of a generation / eval-loss batch needs at `tokens` tokens.
+
+    KV cache of every layer + one layer's eager attention scores and probabilities in float32 ([heads, T, T] twice,
+    sliding windows ignored) + one layer's MLP activations (the routed experts' gate_up and down outputs, float32
+    router and residual copies) + the float32 logits of one position (generation keeps the last one only)."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv = 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes * tokens
+    scores = 2 * heads * tokens * tokens * 4
+    routed = getattr(text, "num_experts_per_tok", 1)
+    mlp = tokens * (routed * 3 * text.intermediate_size * dtype_bytes + 8 * text.hidden_size * 4)
+    return kv + scores + mlp + 2 * text.vocab_size * 4
+
+
+def pick_batch_size(device_type: str, free_bytes: int, bytes_per_row: int, n_rows: int, cpu_default: int) -> int:
+    """The 'auto' batch size: `cpu_default` off CUDA; on CUDA the rows that AUTO_MEMORY_SHARE of the free memory
+    holds, at most all of them (and AUTO_MAX_BATCH). Why bigger on CUDA: a decode step of the demo's 1M-parameter
+    model is launch-bound (~19 batches x 96 steps per evaluation at 64), so one batch of 1,200 costs ~1/19th."""
+    if device_type != "cuda":
+        return cpu_default
+    fits = int(free_bytes * AUTO_MEMORY_SHARE) // max(bytes_per_row, 1)
+    return max(1, min(fits, n_rows, AUTO_MAX_BATCH))
+
+
+def auto_batch_size(model, tokens: int, n_rows: int, cpu_default: int) -> int:
+    """`pick_batch_size` for this model on its device, with the memory free now: what CUDA reports free plus what
+    PyTorch's allocator holds reserved but unused (the eval loss's activations, just freed, stay reserved)."""
+    parameter = next(model.parameters())
+    free = 0
+    if parameter.device.type == "cuda":
+        device = parameter.device
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    dtype_bytes = max(parameter.element_size(), 2)
+    return pick_batch_size(parameter.device.type, free, row_bytes(model.config, tokens, dtype_bytes), n_rows,
+                           cpu_default)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
@@ -24,17 +70,40 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> tuple[lis
     return ids, [t if m else -100 for t, m in zip(ids, mask)]
 
 
+_TOKENIZED: dict[tuple, list] = {}  # the latest eval set's tokenization (tokenized_by_length)
+
+
+def tokenized_by_length(tokenizer, rows: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """`tokenize_chat` of every row, shortest first. Kept for the next call with the same rows and tokenizer: a
+    chained run evaluates six models on the same 1,200 eval rows (the demo), and tokenizing them with the chat
+    template took 0.6 s each time on 2 CPU cores."""
+    digest = chat_data.tokenizer_digest(tokenizer)
+    key = (digest, max_length, chat_data.rows_digest([r["messages"] for r in rows]))
+    if digest is not None and key in _TOKENIZED:
+        return _TOKENIZED[key]
+    pairs = sorted((tokenize_chat(tokenizer, r["messages"], max_length) for r in rows), key=lambda p: len(p[0]))
+    if digest is not None:
+        _TOKENIZED.clear()
+        _TOKENIZED[key] = pairs
+    return pairs
+
+
 @torch.no_grad()
-def eval_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size: int = 32) -> float:
+def eval_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size: int | str = LOSS_CPU_BATCH) -> float:
     """Mean cross-entropy per assistant token over all `rows` (the MoE aux loss is not part of it).
 
     The lm_head runs one row at a time: a batch's float32 logits over gpt-oss's 201,088-token vocabulary were 31 GiB
-    for 24 rows of ~1,600 tokens, and ran a gpt-oss-20b evaluation out of memory on the H200 (2026-12-03)."""
+    for 24 rows of ~1,600 tokens, and ran a gpt-oss-20b evaluation out of memory on the H200 (2026-12-03).
+    The per-row sums add up on the device in float64 (the same additions a Python float made, without one host sync
+    per row: 1,200 of them per demo evaluation). `batch_size` 'auto': see `auto_batch_size`."""
     model.eval()
     model.config.output_router_logits = False
     device = next(model.parameters()).device
-    pairs = sorted((tokenize_chat(tokenizer, r["messages"], max_length) for r in rows), key=lambda p: len(p[0]))
-    total, count = 0.0, 0
+    pairs = tokenized_by_length(tokenizer, rows, max_length)
+    if batch_size == "auto":
+        width = max((len(ids) for ids, _ in pairs), default=1)
+        batch_size = auto_batch_size(model, width, len(pairs), cpu_default=LOSS_CPU_BATCH)
+    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
     pad = tokenizer.pad_token_id
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
@@ -46,9 +115,9 @@ def eval_loss(model, tokenizer, rows: list[dict], max_length: int, batch_size: i
         for row in range(hidden.size(0)):  # one row's logits at a time: see the docstring
             logits = model.get_output_embeddings()(hidden[row, :-1]).float()
             total += torch.nn.functional.cross_entropy(logits, labels[row, 1:], ignore_index=-100,
-                                                       reduction="sum").item()
+                                                       reduction="sum").double()
         count += int((labels[:, 1:] != -100).sum())
-    return total / max(count, 1)
+    return total.item() / max(count, 1)
 
 
 def reference_of(row: dict) -> str:
@@ -71,16 +140,22 @@ def generate_and_judge(
     tokenizer,
     rows: list[dict],
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int | str,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> list[dict]:
-    """Greedy answers for `rows`, judged by engine.evaluation.scoring. One dict per row, in the order given."""
+    """Greedy answers for `rows`, judged by engine.evaluation.scoring. One dict per row, in the order given.
+
+    Left padding + the attention mask make each row's greedy answer independent of its batch (checked on CPU in
+    tests/test_eval_batching.py), so `batch_size` 'auto' (see `auto_batch_size`) changes speed, not answers."""
     model.eval()
     model.config.output_router_logits = False
     device = next(model.parameters()).device
     prompts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
                for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths batch with less padding
+    if batch_size == "auto":
+        longest = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=1)
+        batch_size = auto_batch_size(model, longest + max_new_tokens, len(rows), cpu_default=GENERATE_CPU_BATCH)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in harmony.EOS_TOKENS if t in tokenizer.get_vocab()]
     results: list[dict | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):

@@ -10,7 +10,7 @@ Unknown keys are errors (`extra="forbid"`), so a typo in a recipe is caught befo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -178,7 +178,13 @@ class EvalConfig(StageConfig):
         600, ge=1, le=1_000_000, description="Eval examples per task used for the pass rate (the eval loss uses all)."
     )
     max_new_tokens: int = Field(96, ge=1, le=32_768, description="Generation budget per answer (greedy decoding).")
-    batch_size: int = Field(64, ge=1, le=4096, description="Prompts generated together.")
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        "auto",
+        description="Prompts generated together (and rows per eval-loss forward). 'auto': 64 prompts / 32 loss rows "
+        "on CPU (as before), on CUDA as many as half the free GPU memory holds (KV cache, attention scores, MLP "
+        "activations per row, from the model's config): a tiny model takes all its rows in one batch, since each "
+        "decode step of a small model costs a kernel-launch round trip whatever the batch.",
+    )
 
 
 class ExportConfig(StageConfig):

@@ -25,8 +25,10 @@ def run(ctx: Context) -> dict:
 
     ctx.progress(0.05, f"eval loss on {len(eval_rows)} examples")
     picked = pick_examples(eval_rows, cfg.max_examples_per_task)
+    loss_batch = "auto" if cfg.batch_size == "auto" else evaluator.LOSS_CPU_BATCH  # a set size is the generation's
     with modelopt_glue.weights_quantized_once(model):  # same numbers, without re-quantizing at every forward
-        metrics: dict = {"eval_loss": evaluator.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length)}
+        loss = evaluator.eval_loss(model, tokenizer, eval_rows, ctx.recipe.data.max_length, batch_size=loss_batch)
+        metrics: dict = {"eval_loss": loss}
         results = evaluator.generate_and_judge(
             model, tokenizer, picked, cfg.max_new_tokens, cfg.batch_size,
             on_batch=lambda done, total: ctx.progress(0.1 + 0.8 * done / total, f"generated {done}/{total} answers"),

@@ -210,6 +210,14 @@ def atomic_trainer(base: type) -> type:
     """
 
     class AtomicCheckpoints(base):
+        def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+            from engine.training import prepared_data  # TRL's preparation, once per process (see that module)
+
+            extra = (getattr(self, "completion_only_loss", None), getattr(self, "chat_template", None),
+                     getattr(getattr(self, "_tokenizer", None), "eos_token", None))
+            return prepared_data.prepare(super()._prepare_dataset, dataset, processing_class, args, packing,
+                                         formatting_func, dataset_name, extra)
+
         def _save_checkpoint(self, model, trial):
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 

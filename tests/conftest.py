@@ -3,7 +3,10 @@ for ~45 s), two CPU threads like CI, and a per-test workspace."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
+from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,14 +27,39 @@ def workdir(tmp_path, monkeypatch):
     return path
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    """One cache for the whole session: the embedded base model is pre-trained once (deterministic, so safe)."""
-    return tmp_path_factory.mktemp("cache")
+REPO = Path(__file__).resolve().parent.parent
+SMALL_DEMO_ROWS = 300  # per task: 600 rows; tokenizing embedded:demo's 11,760 took ~12 s in every SFT/QAT job
+SMALL_DEMO_FLAGS = ("--data.eval_fraction", "0.1")  # 30 eval rows per task: more than the smoke recipe shows (12)
 
 
 @pytest.fixture(scope="session")
-def resumed_run(tmp_path_factory, shared_cache):
+def shared_cache():
+    """One model cache for every test that pre-trains the embedded base (the recipe tests, the browser and serving
+    tests): pre-trained once (bf16 base ~32 s, its MXFP4 release ~17 s on 2 cores), deterministic, so safe to share.
+    It lives in test-artifacts/cache/ (git-ignored), so local re-runs skip it too; a clean clone (CI) builds it once.
+    `rm -rf test-artifacts/cache` gives the cold start again."""
+    path = REPO / "test-artifacts" / "cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_demo_data(tmp_path_factory) -> tuple[str, ...]:
+    """`launch.py run` flags for a small slice of the embedded demo data (both tasks, `task`/`reference` kept): for the
+    tests of the engine's mechanics (kill, cancel, resume, chaining), which train a handful of steps and need no
+    10k-row dataset tokenized by every training job."""
+    rows = []
+    for task in ("language", "refusal"):
+        with open(REPO / "assets" / "datasets" / f"{task}.jsonl") as f:
+            rows += [json.loads(next(f)) for _ in range(SMALL_DEMO_ROWS)]
+    random.Random(0).shuffle(rows)
+    path = tmp_path_factory.mktemp("data") / "demo-small.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return ("--data.source", str(path), *SMALL_DEMO_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def resumed_run(tmp_path_factory, shared_cache, small_demo_data):
     """The smoke recipe run end to end, with its SFT job killed mid-way and resumed (slow: shared by tests)."""
     from tests.helpers import run_killed_and_resumed, stop_engines
 
@@ -39,7 +67,7 @@ def resumed_run(tmp_path_factory, shared_cache):
     os.environ["QAT_STUDIO_CACHE"] = str(shared_cache)
     workdir = tmp_path_factory.mktemp("resumed") / "ws"
     try:
-        yield run_killed_and_resumed(workdir)
+        yield run_killed_and_resumed(workdir, small_demo_data)
     finally:  # also when the run failed: no engine outlives the tests
         if (workdir / "studio.db").exists():
             from storage import Store

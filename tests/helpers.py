@@ -48,16 +48,23 @@ def _alive(pid: int) -> bool:
     return _pid_alive(pid)
 
 
-def run_killed_and_resumed(workdir: Path) -> tuple:
+# Evaluation caps for the tests of mechanics: every evaluation still generates and scores answers of both tasks,
+# 8 of 16 tokens instead of the smoke recipe's 24 of 48 (generation was ~7 s of each of a run's six evaluations).
+SMALL_EVAL_FLAGS = ("--eval.max_examples_per_task", "4", "--eval.max_new_tokens", "16")
+
+
+def run_killed_and_resumed(workdir: Path, data_flags: tuple[str, ...] = ()) -> tuple:
     """A power cut in miniature: the smoke recipe runs (`launch.py run`, waiting in the foreground); after SFT's first
     checkpoint the run command, the engine and the job's process are all SIGKILLed, with no app to notice. Then
-    `status` (what it says is kept) and `resume` from the CLI finish the run."""
+    `status` (what it says is kept) and `resume` from the CLI finish the run. `data_flags` (conftest's
+    small_demo_data) and SMALL_EVAL_FLAGS keep it short: what it checks is the run's bookkeeping, not its scores."""
     from engine.runtime.workspace import checkpoint_dir, latest_checkpoint
     from storage import Store
 
     db = workdir / "studio.db"
     run_cmd = subprocess.Popen([sys.executable, "launch.py", "--workdir", str(workdir), "run",
-                                "assets/recipes/smoke.yaml", "--sft.max_steps", "16", "--sft.save_steps", "4"],
+                                "assets/recipes/smoke.yaml", "--sft.max_steps", "16", "--sft.save_steps", "4",
+                                *data_flags, *SMALL_EVAL_FLAGS],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: db.exists(), timeout=300, what="the run to be queued")
     store = Store(db)

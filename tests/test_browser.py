@@ -6,7 +6,8 @@ live), measures a page load while training runs, waits for the results table to 
 and screenshots every tab at 1280 px
 (test-artifacts/screenshots/; with UPDATE_SCREENSHOTS=1 also assets/screenshots/ for the README).
 
-The workspace's model cache lives in test-artifacts/browser-cache/ so re-runs skip the tiny base pre-training.
+The workspace's model cache is the session's (tests/conftest.py shared_cache: test-artifacts/cache/), so the tiny
+base is pre-trained once per session, and not again on re-runs.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ RESULT_ROWS = ["original", "SFT", "SFT+PTQ (MXFP4)", "SFT+QAT (MXFP4)"]
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, shared_cache):
     workdir = tmp_path_factory.mktemp("browser") / "workspace"
     workdir.mkdir()
-    cache = ARTIFACTS / "browser-cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    (workdir / "cache").symlink_to(cache, target_is_directory=True)
+    (workdir / "cache").symlink_to(shared_cache, target_is_directory=True)
     try:
         with running_app(workdir) as (url, browser):
             yield {"url": url, "workdir": workdir, "browser": browser}

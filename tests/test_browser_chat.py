@@ -20,7 +20,6 @@ from engine.runtime.workspace import REPO_ROOT, db_path
 from tests.browser_app import open_page, running_app
 
 pytestmark = pytest.mark.slow
-CACHE = REPO_ROOT / "test-artifacts" / "browser-cache"
 SHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
 # Every render of the chatbot: (ms since the observer started, text length of its last answer).
 OBSERVE = """() => { window.__lengths = []; const t0 = performance.now();
@@ -66,10 +65,10 @@ def run_with_exports(workdir, base) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(tmp_path_factory, shared_cache):
     from engine.data.embedded_model import ensure_tiny_base
 
-    checkpoint = ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
+    checkpoint = ensure_tiny_base(shared_cache, steps=40, log=lambda message: None)
     workdir = tmp_path_factory.mktemp("browser-chat") / "workspace"
     workdir.mkdir()
     exports = run_with_exports(workdir, checkpoint)

@@ -20,11 +20,15 @@ from tests.helpers import launch, stop_engines, wait_for
 pytestmark = pytest.mark.slow
 
 
-def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path, shared_cache, monkeypatch):
+def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path, shared_cache, small_demo_data,
+                                                                        monkeypatch):
+    """Evaluations keep the smoke recipe's 12 answers per task but stop at 16 tokens (~3 s instead of ~8 s each, five
+    of them): evaluate:sft still runs for seconds, and the test looks for it every 0.1 s."""
     monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
     workdir = tmp_path / "ws"
-    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",
-                   "--ptq.formats", "mxfp4", "--sft.max_steps", "4", "--qat.max_steps", "2"])
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait", *small_demo_data,
+                   "--ptq.formats", "mxfp4", "--sft.max_steps", "4", "--qat.max_steps", "2",
+                   "--eval.max_new_tokens", "16"])
     assert proc.returncode == 0, proc.stderr
     store = Store(workdir / "studio.db")
     run_id = store.list_runs()[0]["id"]
@@ -37,7 +41,7 @@ def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path
             first = store.get_job(jobs["sft"])
             return job if job["status"] == "running" and first["status"] == "succeeded" and job["pid"] else None
 
-        victim = wait_for(chained_eval_running, timeout=600, what="evaluate:sft to start")
+        victim = wait_for(chained_eval_running, timeout=600, what="evaluate:sft to start", every=0.1)
         sft = store.get_job(jobs["sft"])
         assert victim["pid"] == sft["pid"], "evaluate:sft should run in the process that trained SFT"
         os.kill(victim["pid"], signal.SIGSEGV)  # a real crash of the chained job's process
@@ -73,7 +77,8 @@ def test_a_crash_inside_a_chain_marks_only_that_job_and_the_run_goes_on(tmp_path
         stop_engines(store)
 
 
-def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared_cache, monkeypatch):
+def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared_cache, small_demo_data,
+                                                                monkeypatch):
     """LoRA SFT and LoRA QAT through the engine: the stages keep adapters / quantizers with a pointer to their parent
     (engine/training/stage_outputs.py), and the chained process builds each model on the one it holds: the SFT model
     on the base the previous evaluation loaded, PTQ on that SFT model, its evaluation and QAT on the model PTQ kept,
@@ -83,7 +88,7 @@ def test_a_lora_run_chains_on_adapters_and_writes_no_model_copy(tmp_path, shared
     lora = [f"--{stage}.{flag}" if i == 0 else value for stage in ("sft", "qat")
             for flag, value in (("lora", "true"), ("lora_target_experts", "true")) for i in (0, 1)]
     proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--ptq.formats", "mxfp4", *lora,
-                   "--sft.max_steps", "4", "--qat.max_steps", "2", "--data.eval_fraction", "0.005",
+                   "--sft.max_steps", "4", "--qat.max_steps", "2", *small_demo_data,
                    "--eval.max_examples_per_task", "2", "--eval.max_new_tokens", "8"], timeout=900)
     store = Store(workdir / "studio.db")
     try:

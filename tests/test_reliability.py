@@ -19,7 +19,7 @@ import pytest
 
 from engine.runtime.workspace import NO_CHECKPOINT
 from storage import Store
-from tests.helpers import REPO, launch, stop_engines, wait_for
+from tests.helpers import REPO, SMALL_EVAL_FLAGS, launch, stop_engines, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -95,11 +95,12 @@ def test_kill_during_checkpoint_save_leaves_no_half_checkpoint(tmp_path):
     assert not (tmp_path / "plain" / "checkpoint-4" / "trainer_state.json").exists()
 
 
-def test_cancel_kills_the_whole_process_tree_and_marks_cancelled(tmp_path, shared_cache, monkeypatch):
+def test_cancel_kills_the_whole_process_tree_and_marks_cancelled(tmp_path, shared_cache, small_demo_data,
+                                                                  monkeypatch):
     """A cancelled job's process group is gone (the child and anything it started) and the job says so."""
     workdir = tmp_path / "ws"
     monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
-    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait",
+    proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait", *small_demo_data,
                    "--sft.max_steps", "400", "--sft.save_steps", "1000"])
     assert proc.returncode == 0, proc.stderr
     store = Store(workdir / "studio.db")
@@ -118,14 +119,15 @@ def test_cancel_kills_the_whole_process_tree_and_marks_cancelled(tmp_path, share
 
 
 def test_cancel_or_stop_before_a_checkpoint_restarts_from_step_0_with_each_step_once(tmp_path, shared_cache,
-                                                                                      monkeypatch):
+                                                                                      small_demo_data, monkeypatch):
     """SFT cancelled before its first checkpoint, resumed, then stopped by `launch.py stop` (the engine exits, the
     job becomes interrupted), resumed again: each resume says it restarts from step 0 and drops the lost steps'
     metric rows, so the loss curve has every step once."""
     workdir = tmp_path / "ws"
     monkeypatch.setenv("QAT_STUDIO_CACHE", str(shared_cache))
     proc = launch(["--workdir", str(workdir), "run", "assets/recipes/smoke.yaml", "--no-wait", "--sft.max_steps", "24",
-                   "--sft.save_steps", "1000", "--ptq.formats", "mxfp4", "--qat.max_steps", "2"])
+                   "--sft.save_steps", "1000", "--ptq.formats", "mxfp4", "--qat.max_steps", "2", *small_demo_data,
+                   *SMALL_EVAL_FLAGS])
     assert proc.returncode == 0, proc.stderr
     store = Store(workdir / "studio.db")
     run_id = store.list_runs()[0]["id"]

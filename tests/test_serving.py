@@ -2,8 +2,8 @@
 few demo conversations), its MXFP4 export served by `transformers serve` on a free loopback port, talked to through
 engine.serving.chat (the openai client). No mocks; every process started is stopped.
 
-The reduced run starts from the tiny base pre-trained briefly (40 steps, cached in test-artifacts/browser-cache like
-the browser test's) and fine-tunes on TRAINED_ROWS language-task conversations until it answers them: the served
+The reduced run starts from the tiny base pre-trained briefly (40 steps, in the session's cache, tests/conftest.py
+shared_cache) and fine-tunes on TRAINED_ROWS language-task conversations until it answers them: the served
 model must give those trained answers, and compute exactly what the exported weights compute in-process.
 """
 
@@ -30,16 +30,15 @@ from engine.runtime.workspace import REPO_ROOT
 from storage import Store
 from storage.db import StorageError
 
-CACHE = REPO_ROOT / "test-artifacts" / "browser-cache"
 QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
 SECRET = "sk-test-NEVER-STORE-4242"
 
 
 @pytest.fixture(scope="module")
-def tiny_base() -> Path:
+def tiny_base(shared_cache) -> Path:
     from engine.data.embedded_model import ensure_tiny_base
 
-    return ensure_tiny_base(CACHE, steps=40, log=lambda message: None)
+    return ensure_tiny_base(shared_cache, steps=40, log=lambda message: None)
 
 
 TRAINED_ROWS = 8  # demo conversations (language task) the reduced run is fine-tuned on

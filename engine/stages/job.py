@@ -65,7 +65,7 @@ def run_job(store: Store, workdir, job: dict, models: dict, chained: bool) -> in
     try:
         recipe = Recipe.model_validate(run["recipe"])
         device = _rank_device(pick_device(recipe, job["resources"]))
-        _cap_gpu_memory(recipe, device)
+        cap_gpu_memory(recipe, device)
         ctx = Context(store, workdir, run, job, recipe, device, models=models, timing=timing)
         from engine.stages import stage_function
 
@@ -155,7 +155,7 @@ def _rank_device(device):
     return torch.device("cuda", distributed.local_rank())
 
 
-def _cap_gpu_memory(recipe: Recipe, device) -> None:
+def cap_gpu_memory(recipe: Recipe, device) -> None:
     """hardware.gpu_memory_limit_gib, before the stage loads anything (engine/runtime/gpu_memory.py). Every job:
     a chained job runs in this process under the cap its run set (the same run, so the same limit), and every rank
     of a multi-GPU launch runs this for its own GPU."""

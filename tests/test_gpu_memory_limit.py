@@ -15,7 +15,7 @@ import torch
 from engine.recipe.configs import Recipe
 from engine.recipe.files import RecipeError, parse_recipe
 from engine.runtime.gpu_memory import GIB, GpuMemoryLimitError, apply_limit, memory_fraction
-from engine.runs import UserError, check_gpu_memory_limit
+from engine.runs import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "mem_total_gb": 79.65}  # NVML's total for an H100 80GB, GiB
@@ -42,6 +42,8 @@ def recipe_with(limit: float | None, **hardware) -> Recipe:
 
 
 def test_validation_names_the_field_and_the_card():
+    from engine.runs import check_gpu_memory_limit
+
     with pytest.raises(UserError) as err:
         check_gpu_memory_limit(recipe_with(100), cards=[H100])
     assert str(err.value) == ("hardware.gpu_memory_limit_gib: 100 GiB is more than GPU 0 (NVIDIA H100 80GB HBM3) has "
@@ -56,6 +58,8 @@ def test_validation_names_the_field_and_the_card():
 
 
 def test_without_the_card_validation_warns(caplog):
+    from engine.runs import check_gpu_memory_limit
+
     with caplog.at_level(logging.WARNING, logger="engine.runs"):
         check_gpu_memory_limit(recipe_with(79, gpus=[3]), cards=[H100])
     assert "hardware.gpu_memory_limit_gib = 79 GiB not checked: GPU 3 not visible here" in caplog.text

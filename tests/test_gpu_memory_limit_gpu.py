@@ -1,7 +1,7 @@
 """hardware.gpu_memory_limit_gib on a real card (run on the device machine; skipped without CUDA).
 
 A process capped the way every job process caps itself (engine/stages/job.py cap_gpu_memory) cannot allocate past
-the limit while the card has room; the smoke recipe under a 3 GiB limit runs through the engine with every CUDA job
+the limit while the card has room, and evaluation's 'auto' batch sizes for the cap, not the card's free memory; the smoke recipe under a 3 GiB limit runs through the engine with every CUDA job
 capped (chained jobs included) and no job's reserved peak above it; `launch.py run` refuses a limit above the card.
 The CPU side (fraction, messages, estimator, flag) is in tests/test_gpu_memory_limit.py.
 """
@@ -48,6 +48,10 @@ except GpuMemoryLimitError as exc:
 cap_gpu_memory(Recipe.model_validate({"hardware": {"gpu_memory_limit_gib": limit}}), device)
 held = torch.empty(int((limit - 1) * GIB), dtype=torch.uint8, device=device)  # under the cap: fine
 out["under_limit_ok"] = True
+from engine.evaluation.evaluator import usable_free_bytes  # what sizes evaluation's 'auto' batch
+out["usable_free_gib"] = usable_free_bytes(*torch.cuda.mem_get_info(0), torch.cuda.memory_reserved(0),
+                                           torch.cuda.memory_allocated(0),
+                                           torch.cuda.get_per_process_memory_fraction(0)) / GIB
 for name, gib in (("second", 1.5), ("alone", limit + 0.5)):
     if name == "alone":
         del held
@@ -71,6 +75,7 @@ def test_a_capped_job_process_cannot_allocate_past_the_limit():
     assert "GPU memory capped at 4 GiB (hardware.gpu_memory_limit_gib)" in proc.stdout
     assert out["free_gib"] > 6 and out["uncapped_over_limit_ok"] and out["under_limit_ok"]
     assert out["too_big"].startswith("hardware.gpu_memory_limit_gib: 100000 GiB is more than the card has")
+    assert 0.9 < out["usable_free_gib"] <= 1.001, out  # the cap's 4 GiB less the 3 held, not the card's free memory
     assert out["second"].startswith("OutOfMemoryError"), out  # 3 GiB held + 1.5 GiB > 4 GiB
     assert out["alone"].startswith("OutOfMemoryError"), out  # 4.5 GiB on its own, nothing else held
     assert out["free_gib_after"] > 6  # refused by the cap, not by a full card

@@ -7,6 +7,8 @@ torch frees its cached blocks and retries, and raises OutOfMemoryError if that i
 a card of that size. Nothing above torch's allocator is covered: the CUDA context (about 0.5 GiB), NCCL's buffers and
 memory a library takes with cudaMalloc directly add to the cap, as they would on the smaller card. The cap is
 per process, so every job process sets it (engine/stages/job.py, every rank of a multi-GPU launch included).
+What sizes itself by the card's free memory reads the cap too: evaluation's 'auto' batch
+(engine/evaluation/evaluator.py usable_free_bytes) and "will it fit?" (engine/training/estimate.py available_gib).
 
 Why torch's own cap and not an estimate or a check after the fact: jobs record torch's peak reserved memory
 (engine/runtime/job_timing.py), but the reserved cache carries over between chained jobs and grows to whatever the

@@ -7,6 +7,10 @@
 # Steps (each prints what it measures; JSON results go to $OUT/<step>.json, logs to $OUT/<step>.log):
 #   env            GPU, driver and library versions, one telemetry sample                       -> $OUT/env.txt
 #   gpu-tests      every test marked `gpu` (FP4 kernels, fast experts, jobs, telemetry, ...) but attention-tests
+#                  and gpu-memory-limit
+#   gpu-memory-limit  tests/test_gpu_memory_limit_gpu.py: hardware.gpu_memory_limit_gib caps a job process (OOM past
+#                  it while the card has room), the smoke run through the engine under 3 GiB, run refuses a limit
+#                  above the card
 #   attention-tests  tests/test_attention_gpu.py: flex vs eager (kernel, model, recompiles, 50-step SFT / QAT
 #                  curves), what each test measured in $OUT/attention-gpu-*.json
 #   qat-step       bench/qat_step.py: BF16 vs engine QAT vs modelopt, 2-layer gpt-oss-20b cut, 4 x 1024
@@ -30,10 +34,12 @@
 #                  then again under torch.profiler (top ops, kernel launches) -> $OUT/demo-profile{,-ops}.json
 #   gpt-oss-20b    tests/test_gpt_oss_20b_gpu.py: a 20b-shaped checkpoint, the 1-GPU recipe through the engine with a
 #                  few steps; repeat the step while it says the run is still going (the engine goes on detached)
+#                  GPT_OSS_20B_GPU_LIMIT_GIB=79 runs it with every job capped at that many GiB
+#                  (hardware.gpu_memory_limit_gib: as on an H100 80GB)
 #
 # What each step found is recorded, with the card and the date, in docs/benchmarks.md.
 set -u
-STEPS="env gpu-tests attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
+STEPS="env gpu-tests gpu-memory-limit attention-tests qat-step qat-step-long qat-w4a4 attn-step context-sweep context-1k context-4k
   context-16k context-64k max-context serve serve-20b mem-probe fsdp engine-overhead demo-study demo-profile gpt-oss-20b"
 [ $# -gt 0 ] || { sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 2; }  # the header above, however long it grows
 for s in "$@"; do
@@ -65,7 +71,9 @@ run_step() {
         python3 -c "import json; from engine.runtime import telemetry; print(json.dumps(telemetry.sample(), default=str)[:3000])"
       } > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
     gpu-tests) step gpu-tests 540 python3 -m pytest -q -rs -m gpu tests -p no:cacheprovider \
-        --ignore=tests/test_attention_gpu.py ;;  # its own step (attention-tests): it compiles kernels for minutes
+        --ignore=tests/test_attention_gpu.py --ignore=tests/test_gpu_memory_limit_gpu.py ;;  # their own steps
+    gpu-memory-limit) step gpu-memory-limit 400 python3 -m pytest -q -s -rs -m gpu tests/test_gpu_memory_limit_gpu.py \
+        -p no:cacheprovider ;;
     attention-tests) step attention-tests 210 python3 -m pytest -q -s -rs -m gpu tests/test_attention_gpu.py \
         -p no:cacheprovider ;;
     qat-step) step qat-step 300 python3 bench/qat_step.py --paths bf16,engine:mxfp4,engine:nvfp4,modelopt:nvfp4 \

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from pathlib import Path
 
 from engine.recipe.configs import Recipe
 from engine.recipe.files import RecipeError, load_recipe
-from engine.runtime import workspace
+from engine.runtime import gpu_memory, workspace
+
+log = logging.getLogger(__name__)
 
 
 class UserError(Exception):
@@ -24,6 +27,7 @@ def validate_inputs(recipe: Recipe) -> None:
     Writes nothing; raises UserError naming the file, line and field."""
     from engine.data.chat_data import DataError, check_lengths, load_chat_dataset
 
+    check_gpu_memory_limit(recipe)
     model_dir = _model_dir(recipe.model.source)
     _check_block_size(recipe, model_dir)
     tokenizer = _tokenizer_for(recipe, model_dir)
@@ -35,6 +39,30 @@ def validate_inputs(recipe: Recipe) -> None:
                 raise DataError(issues)
     except DataError as exc:
         raise UserError(str(exc)) from None
+
+
+def check_gpu_memory_limit(recipe: Recipe, cards: list[dict] | None = None) -> None:
+    """hardware.gpu_memory_limit_gib against the run's GPUs (NVML's view, `cards` = telemetry.gpus()'s dicts; None:
+    ask NVML). A limit above a card's memory is a UserError; with none of the run's GPUs visible here (a CPU machine,
+    another host's card) a logged warning: the job checks again on its GPU and fails there if the card is smaller."""
+    limit = recipe.hardware.gpu_memory_limit_gib
+    if limit is None or recipe.hardware.device == "cpu":
+        return
+    note = None
+    if cards is None:
+        from engine.runtime import telemetry
+
+        cards, note = telemetry.gpus()
+    wanted = recipe.hardware.gpus or [0]  # the engine's GPU indices are NVML's (CUDA_DEVICE_ORDER=PCI_BUS_ID)
+    ours = [card for card in cards if card["index"] in wanted]
+    if not ours:
+        log.warning("%s = %g GiB not checked: GPU %s not visible here (%s); the job checks it on its GPU and "
+                    "ignores it on CPU", gpu_memory.FIELD, limit, ", ".join(map(str, wanted)),
+                    note or f"{len(cards)} GPU(s) seen")
+        return
+    problem = gpu_memory.limit_problem(limit, ours)
+    if problem:
+        raise UserError(problem)
 
 
 def _model_dir(source: str) -> Path | None:

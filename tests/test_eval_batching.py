@@ -98,6 +98,16 @@ def test_auto_batch_is_the_old_default_on_cpu_and_memory_sized_on_cuda():
     assert evaluator.pick_batch_size("cuda", 0, per_row, 1200, cpu_default=64) == 1
 
 
+def test_free_memory_stops_at_the_gpu_memory_limit():
+    """hardware.gpu_memory_limit_gib caps the allocator at a fraction of the card: the auto batch must be sized for
+    what the cap leaves, not for what the card has free."""
+    total, reserved, allocated = 140 * GIB, 10 * GIB, 8 * GIB
+    assert evaluator.usable_free_bytes(130 * GIB, total, reserved, allocated) == 132 * GIB  # no cap: as before
+    assert evaluator.usable_free_bytes(130 * GIB, total, reserved, allocated, 79 / 140) == 71 * GIB  # 79 - 10 + 2
+    assert evaluator.usable_free_bytes(5 * GIB, total, reserved, allocated, 79 / 140) == 7 * GIB  # the card is fuller
+    assert evaluator.usable_free_bytes(130 * GIB, total, 80 * GIB, 80 * GIB, 79 / 140) == 0  # at the cap already
+
+
 def test_row_bytes_of_gpt_oss_20b_keep_its_evaluation_batch_modest():
     """gpt-oss-20b's shape at 2,048 tokens: ~2.5 GB a row (the eager attention scores dominate), so ~70 GiB free
     after loading it on an H200 gives ~14 rows, not hundreds."""

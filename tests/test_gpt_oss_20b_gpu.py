@@ -13,6 +13,11 @@ test keeps to GPT_OSS_20B_BUDGET_S (default 500 s, the final checks' 150 s inclu
 fails saying so; the same command again finds the run in the workspace and keeps waiting (the peak disk is kept
 across calls in a file), or resumes it if the end of the last call stopped the engine (the run is then interrupted). It writes ~14 GB of checkpoint and ~26 GB of exports, so it runs only when asked:
 GPT_OSS_20B_RUN=1 (`bash bench/device.sh gpt-oss-20b`); `-m gpu` alone skips it with that reason.
+
+GPT_OSS_20B_GPU_LIMIT_GIB=79 runs it as if on an H100 80GB (which reports 79.6 GiB): hardware.gpu_memory_limit_gib
+caps every job process's allocator there (engine/runtime/gpu_memory.py), so a run that succeeds fits that card;
+the test then also checks that every CUDA job logged the cap and reserved no more. A run of another limit found in the
+workspace is not reused: a new one starts.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ FEW_STEPS = ["--sft.max_steps", "4", "--sft.save_steps", "2", "--sft.eval_steps"
 # run); the default is the recipe's two formats. The export check below needs mxfp4.
 FORMATS = os.environ.get("GPT_OSS_20B_FORMATS", "mxfp4,nvfp4")
 TERMINAL = ("succeeded", "failed", "cancelled", "interrupted")
+LIMIT_GIB = float(os.environ["GPT_OSS_20B_GPU_LIMIT_GIB"]) if os.environ.get("GPT_OSS_20B_GPU_LIMIT_GIB") else None
 
 
 def ensure_checkpoint() -> float | None:
@@ -69,14 +75,16 @@ def ensure_checkpoint() -> float | None:
 
 
 def start_or_find_run(store: Store) -> str:
-    runs = [r for r in store.list_runs() if r["name"] == "gpt-oss-20b-1gpu"]
+    runs = [r for r in store.list_runs() if r["name"] == "gpt-oss-20b-1gpu"
+            and r["recipe"]["hardware"].get("gpu_memory_limit_gib") == LIMIT_GIB]
     if runs and runs[0]["status"] == "interrupted":  # the previous call's end took the engine with it: go on
         proc = launch(["--workdir", str(WORKDIR), "resume", runs[0]["id"], "--no-wait"], timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     if runs:
         return runs[0]["id"]  # a previous call started it: keep waiting for it
     proc = launch(["--workdir", str(WORKDIR), "run", "assets/recipes/gpt-oss-20b-1gpu.yaml", "--no-wait",
-                   "--model.source", str(CHECKPOINT), *FEW_STEPS, "--ptq.formats", *FORMATS.split(",")], timeout=300)
+                   "--model.source", str(CHECKPOINT), *FEW_STEPS, "--ptq.formats", *FORMATS.split(","),
+                   *(["--hardware.gpu_memory_limit_gib", str(LIMIT_GIB)] if LIMIT_GIB else [])], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return store.list_runs()[0]["id"]
 
@@ -150,13 +158,15 @@ def test_gpt_oss_20b_recipe_on_one_gpu():
                             f"the same command again to keep waiting. Jobs: {jobs}")
             time.sleep(5)
     jobs = store.list_jobs(run_id)
-    report = {"run_id": run_id, "gpu": torch.cuda.get_device_name(0), "checkpoint_generated_s": generated_s,
+    report = {"run_id": run_id, "gpu": torch.cuda.get_device_name(0), "gpu_memory_limit_gib": LIMIT_GIB,
+              "checkpoint_generated_s": generated_s,
               "peak_run_dir_gib": round(disk.peak / GIB, 2),
               "jobs": [{"key": j["config"]["key"], "status": j["status"], "timing": j["timing"],
                         "seconds": round((j["ended_at"] or 0) - (j["started_at"] or 0), 1)} for j in jobs],
               "artifacts": [{"kind": a["kind"], "path": a["path"], "bytes": a["meta"].get("bytes")}
                             for a in store.artifacts(run_id)]}
-    print(f"\nrun {run_id} on {report['gpu']}: peak run directory {report['peak_run_dir_gib']} GiB")
+    print(f"\nrun {run_id} on {report['gpu']}" + (f" capped at {LIMIT_GIB:g} GiB" if LIMIT_GIB else "")
+          + f": peak run directory {report['peak_run_dir_gib']} GiB")
     for job in report["jobs"]:
         print(f"  {job['key']:<22} {job['status']:<10} {job['seconds']:>7.1f} s  {format_timing(job['timing'])}")
     if os.environ.get("OUT"):
@@ -164,6 +174,10 @@ def test_gpt_oss_20b_recipe_on_one_gpu():
 
     failed = [(j["config"]["key"], j["status"], j["error"]) for j in jobs if j["status"] != "succeeded"]
     assert not failed, failed
+    if LIMIT_GIB:
+        for job in (j for j in jobs if j["resources"].startswith("cuda")):
+            assert f"GPU memory capped at {LIMIT_GIB:g} GiB" in Path(job["log_path"]).read_text(), job["config"]["key"]
+            assert job["timing"]["peak_gpu_reserved_gib"] <= LIMIT_GIB, (job["config"]["key"], job["timing"])
     models = run_dir / "models"
     copies = [p for p in models.rglob("model*.safetensors")]
     assert not copies, f"stage outputs hold model copies: {copies}"

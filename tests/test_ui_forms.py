@@ -91,6 +91,18 @@ def test_unparsable_text_reaches_the_engine_unchanged():
     assert forms["hardware"].read(data | {gpus: ""})["gpus"] is None
 
 
+def test_optional_gpu_memory_limit_is_a_textbox_that_may_stay_empty():
+    forms = build_all(Recipe().model_dump(mode="json"))
+    limit = forms["hardware"].components["gpu_memory_limit_gib"]
+    assert isinstance(limit, gr.Textbox) and "smaller card" in limit.info and "default none" in limit.info
+    data = {c: c.value for c in forms["hardware"].inputs}
+    assert assemble({}, {"hardware": forms["hardware"].read(data)}).hardware.gpu_memory_limit_gib is None
+    capped = assemble({}, {"hardware": forms["hardware"].read(data | {limit: "79"})})
+    assert capped.hardware.gpu_memory_limit_gib == 79.0
+    with pytest.raises(RecipeError, match="hardware.gpu_memory_limit_gib"):
+        assemble({}, {"hardware": forms["hardware"].read(data | {limit: "-1"})})
+
+
 def test_cross_field_rule_is_reported():
     with pytest.raises(RecipeError, match="qat.enabled needs at least one format"):
         assemble({}, {"ptq": {"formats": []}, "qat": {"enabled": True}})

@@ -47,14 +47,23 @@ def pick_batch_size(device_type: str, free_bytes: int, bytes_per_row: int, n_row
     return max(1, min(fits, n_rows, AUTO_MAX_BATCH))
 
 
+def usable_free_bytes(free: int, total: int, reserved: int, allocated: int, fraction: float = 1.0) -> int:
+    """Memory this process may still fill: what CUDA reports free, but no more than the allocator's cap lets it
+    reserve (`fraction` of the card, from hardware.gpu_memory_limit_gib; 1.0 = no cap), plus what it holds reserved
+    but unused (the eval loss's activations, just freed, stay reserved). Without the cap the free memory of a 141 GB
+    card would size batches that a job capped at 79 GiB cannot hold."""
+    may_reserve = min(free, max(0, int(fraction * total) - reserved))
+    return may_reserve + reserved - allocated
+
+
 def auto_batch_size(model, tokens: int, n_rows: int, cpu_default: int) -> int:
-    """`pick_batch_size` for this model on its device, with the memory free now: what CUDA reports free plus what
-    PyTorch's allocator holds reserved but unused (the eval loss's activations, just freed, stay reserved)."""
+    """`pick_batch_size` for this model on its device, with the memory it may still use now (`usable_free_bytes`)."""
     parameter = next(model.parameters())
     free = 0
     if parameter.device.type == "cuda":
         device = parameter.device
-        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        free = usable_free_bytes(*torch.cuda.mem_get_info(device), torch.cuda.memory_reserved(device),
+                                 torch.cuda.memory_allocated(device), torch.cuda.get_per_process_memory_fraction(device))
     dtype_bytes = max(parameter.element_size(), 2)
     return pick_batch_size(parameter.device.type, free, row_bytes(model.config, tokens, dtype_bytes), n_rows,
                            cpu_default)

@@ -222,6 +222,13 @@ class HardwareConfig(StageConfig):
         "torch, transformers and modelopt are imported once, and a model loaded for an evaluation serves the "
         "export after it. Each job keeps its own status, log, cancel and resume. Off: a fresh process per job.",
     )
+    gpu_memory_limit_gib: float | None = Field(
+        None, gt=0,
+        description="Cap on the GPU memory each job process may use, in GiB (empty: the whole card). Runs as if "
+        "on a smaller card (79 for an H100 80GB) or leaves room for another process on a shared one: torch's "
+        "allocator never holds more and fails with out-of-memory past it, as that card would. 'Will it fit?' "
+        "answers for the capped card. Must not exceed the card's memory; ignored on CPU.",
+    )
     strategy: Literal["single", "ddp", "fsdp2", "deepspeed_zero3"] = Field(
         "single",
         description="How SFT and QAT spread over processes: 'single' (one process), 'ddp' (a full copy per GPU), "

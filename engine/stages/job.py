@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.runtime import distributed, failure_hints, processes, workspace
+from engine.runtime import distributed, failure_hints, gpu_memory, processes, workspace
 from engine.recipe.configs import Recipe
 from engine.runtime.context import Context, pick_device
 from engine.runtime.job_timing import JobTiming, job_start_time
@@ -65,6 +65,7 @@ def run_job(store: Store, workdir, job: dict, models: dict, chained: bool) -> in
     try:
         recipe = Recipe.model_validate(run["recipe"])
         device = _rank_device(pick_device(recipe, job["resources"]))
+        cap_gpu_memory(recipe, device)
         ctx = Context(store, workdir, run, job, recipe, device, models=models, timing=timing)
         from engine.stages import stage_function
 
@@ -152,6 +153,15 @@ def _rank_device(device):
 
     torch.cuda.set_device(distributed.local_rank())
     return torch.device("cuda", distributed.local_rank())
+
+
+def cap_gpu_memory(recipe: Recipe, device) -> None:
+    """hardware.gpu_memory_limit_gib, before the stage loads anything (engine/runtime/gpu_memory.py). Every job:
+    a chained job runs in this process under the cap its run set (the same run, so the same limit), and every rank
+    of a multi-GPU launch runs this for its own GPU."""
+    line = gpu_memory.apply_limit(recipe.hardware.gpu_memory_limit_gib, device)
+    if line:
+        print(line, flush=True)
 
 
 def _leave_process_group() -> None:

@@ -147,8 +147,17 @@ def activation_bytes(c: dict, batch: int, seq: int, gradient_checkpointing: bool
     return {"layers": kept, "logits": logits, "total": kept + logits}
 
 
-def available_gib(gpu_memory_gib: float | None) -> tuple[float, str]:
-    """The card's memory: NVML when a GPU is visible, else `gpu_memory_gib`, else an 80 GB card."""
+def available_gib(gpu_memory_gib: float | None, limit_gib: float | None = None) -> tuple[float, str]:
+    """(GiB a job may use, where that number comes from). The card's memory: NVML when a GPU is visible, else
+    `gpu_memory_gib`, else an 80 GB card. With `limit_gib` (hardware.gpu_memory_limit_gib, which caps every job's
+    allocator at that size: engine/runtime/gpu_memory.py) the limit, so "will it fit?" answers for the capped card."""
+    card, source = _card_gib(gpu_memory_gib)
+    if limit_gib is None:
+        return card, source
+    return float(limit_gib), f"hardware.gpu_memory_limit_gib (card: {card:.0f} GiB, {source})"
+
+
+def _card_gib(gpu_memory_gib: float | None) -> tuple[float, str]:
     try:
         import pynvml
 
@@ -217,10 +226,11 @@ def peak_tflops_for(source: str) -> float:
 
 def estimate(model: dict | str | Path, method: str = "full", gpus: int = 1, strategy: str = "single", batch: int = 1,
              seq: int = 4096, dtype: str = "bfloat16", *, gpu_memory_gib: float | None = None,
-             gradient_checkpointing: bool = True, lora_r: int = 8, lora_target_experts: bool = False,
-             mfu: float = 0.2, attention: str = "eager", chunked_loss: bool = False) -> dict:
+             gpu_memory_limit_gib: float | None = None, gradient_checkpointing: bool = True, lora_r: int = 8,
+             lora_target_experts: bool = False, mfu: float = 0.2, attention: str = "eager", chunked_loss: bool = False) -> dict:
     """Memory per GPU (GiB) against what the card has, a verdict, suggestions, and a step-time estimate.
-    `attention` ('eager' or 'flex') and `chunked_loss` are the resolved hardware.attention / chunked_loss."""
+    `attention` ('eager' or 'flex') and `chunked_loss` are the resolved hardware.attention / chunked_loss;
+    `gpu_memory_limit_gib` (hardware.gpu_memory_limit_gib) replaces the card's memory when set."""
     _check_args(method, gpus, strategy, batch, seq, dtype)
     if attention not in ("eager", "flex"):
         raise ValueError(f"attention must be 'eager' or 'flex', not {attention!r}")
@@ -228,7 +238,7 @@ def estimate(model: dict | str | Path, method: str = "full", gpus: int = 1, stra
     counts = parameter_counts(c)
     dtype_bytes = 4 if dtype == "float32" else 2
     lora_params = lora_parameters(c, lora_r, lora_target_experts) if method == "lora" else 0
-    available, source = available_gib(gpu_memory_gib)
+    available, source = available_gib(gpu_memory_gib, gpu_memory_limit_gib)
 
     def memory(m: str, n: int, s: str) -> dict:
         lp = lora_parameters(c, lora_r, lora_target_experts) if m == "lora" else 0
@@ -325,7 +335,8 @@ def estimate_recipe(recipe, stage: str, cuda: bool, gpu_memory_gib: float | None
     chunked = hw.chunked_loss == "on" or (hw.chunked_loss == "auto" and hw.strategy != "fsdp2")
     result = estimate(model, method="lora" if train.lora else "full", gpus=hw.num_processes,
                       strategy=hw.strategy, batch=train.per_device_train_batch_size, seq=recipe.data.max_length,
-                      dtype=dtype, gpu_memory_gib=gpu_memory_gib, gradient_checkpointing=train.gradient_checkpointing,
+                      dtype=dtype, gpu_memory_gib=gpu_memory_gib, gpu_memory_limit_gib=hw.gpu_memory_limit_gib,
+                      gradient_checkpointing=train.gradient_checkpointing,
                       lora_r=train.lora_r, lora_target_experts=train.lora_target_experts, attention=attention,
                       chunked_loss=chunked)
     result["disk_gib"] = disk_estimate(recipe, model, 4 if dtype == "float32" else 2)

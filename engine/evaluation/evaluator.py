@@ -162,7 +162,9 @@ def generate_and_judge(
     prompts = [tokenizer.apply_chat_template(prompt_messages(r), tokenize=False, add_generation_prompt=True)
                for r in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))  # similar lengths batch with less padding
-    if batch_size == "auto":
+    if batch_size == "auto" and device.type != "cuda":
+        batch_size = GENERATE_CPU_BATCH  # as auto_batch_size would say, without tokenizing every prompt for it
+    elif batch_size == "auto":
         longest = max((len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]), default=1)
         batch_size = auto_batch_size(model, longest + max_new_tokens, len(rows), cpu_default=GENERATE_CPU_BATCH)
     eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in harmony.EOS_TOKENS if t in tokenizer.get_vocab()]

@@ -132,17 +132,6 @@ def print_table(rows: list[dict], profile: bool) -> None:
                 print(f"    {op['self_ms']:>10.1f} ms {op['calls']:>8d} calls  {op['op'][:70]}")
 
 
-def parse_overrides(items: list[str]) -> dict:
-    values = {}
-    for item in items:
-        key, _, raw = item.partition("=")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="assets/recipes/demo.yaml")
@@ -155,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from engine.data.embedded_model import ensure_tiny_base
-    from engine.fp4.mxfp4_release import ensure_mxfp4_base
+    from bench.lib.overrides import parse_overrides
     from engine.recipe.files import load_recipe
+    from engine.stages.prepare import ensure_embedded_base
 
     root = Path(tempfile.mkdtemp(prefix="demo_gpu_profile_"))
     cache = Path(os.environ.setdefault("QAT_STUDIO_CACHE", str(root / "cache")))
@@ -167,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if recipe.model.source.startswith("embedded:"):
         cold = time.perf_counter()
         # what the prepare stage builds (the MXFP4 release too), so that stage times the same work as on a warm cache
-        ensure = ensure_mxfp4_base if recipe.model.tiny_release == "mxfp4" else ensure_tiny_base
-        ensure(cache, steps=recipe.model.tiny_pretrain_steps, device=device, log=lambda _: None)
+        ensure_embedded_base(cache, recipe.model, device, log=lambda _: None)
         print(f"base model pre-training (untimed below): {time.perf_counter() - cold:.1f} s", flush=True)
     rows = run_recipe(args.recipe, overrides, root / "work", args.profile, args.top)
     print_table(rows, args.profile)

@@ -88,10 +88,9 @@ def engine_side(recipe: str, overrides: list[str], workdir: Path, env: dict) -> 
 
 
 def bare_side(recipe: str, overrides: list[str], workdir: Path, env: dict) -> dict:
-    values = {}
-    for item in overrides:
-        key, raw = item.split("=", 1)
-        values[key] = json.loads(raw) if raw[:1] in "[{0123456789-" or raw in ("true", "false") else raw
+    from bench.lib.overrides import parse_overrides
+
+    values = parse_overrides(overrides)
     start = time.time()
     out = subprocess.run([sys.executable, "-c", BARE, str(workdir), recipe, json.dumps(values)], cwd=REPO,
                          capture_output=True, text=True, env=env)

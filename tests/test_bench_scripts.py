@@ -169,3 +169,12 @@ def test_grid_stops_its_workers_when_interrupted_by_a_signal(tmp_path):
     if pid_file.exists():  # the worker had started its setting: it must be gone
         with pytest.raises(ProcessLookupError):
             os.kill(int(pid_file.read_text()), 0)
+
+
+def test_recipe_overrides_read_json_values_and_keep_other_strings():
+    from bench.lib.overrides import parse_overrides
+
+    assert parse_overrides(["sft.max_steps=50", "sft.learning_rate=1e-3", 'ptq.formats=["mxfp4"]',
+                            "eval.batch_size=auto", "qat.enabled=false", "data.source=a=b.jsonl"]) == {
+        "sft.max_steps": 50, "sft.learning_rate": 1e-3, "ptq.formats": ["mxfp4"], "eval.batch_size": "auto",
+        "qat.enabled": False, "data.source": "a=b.jsonl"}

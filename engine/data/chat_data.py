@@ -237,7 +237,7 @@ def token_lengths(rows: list[dict], tokenizer) -> list[int]:
     rows), and the app checks the same dataset before every run: results are kept per (tokenizer object, content).
     An entry holds its tokenizer, so that object's id cannot be reused while the entry exists."""
     conversations = [row["messages"] for row in rows]
-    key = (id(tokenizer), hashlib.sha256(json.dumps(conversations, sort_keys=True).encode()).hexdigest())
+    key = (id(tokenizer), rows_digest(conversations))
     if key not in _LENGTHS:
         encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)
         if len(_LENGTHS) >= 8:
